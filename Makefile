@@ -1,0 +1,35 @@
+# Two commands set up a fresh machine: `make train` and `make test` (README).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install train test bench lint clean distclean
+
+# (Re)install when pyproject.toml changes; torch/torchvision come from the machine's wheels.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The default experiment (offline unless you are logged in to W&B). Extra overrides: ARGS="seed=1"
+train: $(STAMP)
+	$(PY) train.py $(ARGS)
+
+test: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m pytest $(ARGS)
+
+bench: $(STAMP)
+	WANDB_MODE=disabled $(PY) benchmarks/bench_default.py $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks train.py
+
+clean:
+	rm -rf outputs multirun wandb lightning_logs .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -not -path './$(VENV)/*' -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) src/*.egg-info

@@ -1,0 +1,230 @@
+"""ContinualDataModule: builds every task once, keeps them on the training device, streams one.
+
+Batches are index draws into in-memory tensors (no worker processes, no per-sample PIL);
+scaling, normalisation and augmentation are batched tensor ops on the device.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from metacl.data.scenarios import SCENARIOS, Task, build_scenario, from_mer
+from metacl.data.sources import load_mer, load_source
+from metacl.errors import ConfigError
+from metacl.task_info import TaskInfo
+
+DOMAIN_SCENARIOS = ("mnist_rotations", "mnist_permutations", "mnist_many_permutations")
+
+
+class TensorBatches:
+    """An iterable of (x, y, t) batches drawn from tensors that already sit on the device."""
+
+    def __init__(self, x: Tensor, y: Tensor, t: Tensor, batch_size: int, shuffle: bool, prepare):
+        self.x, self.y, self.t = x, y, t
+        self.batch_size, self.shuffle, self.prepare = batch_size, shuffle, prepare
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.y)
+        order = torch.randperm(n, device=self.y.device) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                idx = slice(start, start + self.batch_size)
+            else:
+                idx = order[start : start + self.batch_size]
+            yield self.prepare(self.x[idx]), self.y[idx], self.t[idx]
+
+
+def random_crop_flip(x: Tensor, padding: int = 4) -> Tensor:
+    """Random crop with zero padding + horizontal flip, per sample, as one batched gather."""
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device)
+    dx = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device)
+    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    out = padded[batch, chan, rows, cols]
+    flip = torch.rand(b, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+class ContinualDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        source: str,
+        scenario: str,
+        n_tasks: int,
+        data_dir: str = "data",
+        download: bool = False,
+        samples_per_task: int | None = None,
+        classes_per_task: int | None = None,
+        init_cls_num: int | None = None,
+        inc_cls_num: int | None = None,
+        class_order="random",
+        validation: float = 0.0,
+        augment: bool = False,
+        mean=None,
+        std=None,
+        batch_size: int = 10,
+        eval_batch_size: int = 1000,
+        seed: int = 0,
+        limit_tasks: int | None = None,
+        limit_train_per_task: int | None = None,
+        limit_test_per_task: int | None = None,
+    ):
+        super().__init__()
+        if scenario not in SCENARIOS:
+            raise ConfigError(
+                f"unknown dataset.scenario '{scenario}'; allowed: {', '.join(sorted(SCENARIOS))}"
+            )
+        self.source, self.scenario, self.n_tasks_requested = source, scenario, n_tasks
+        self.data_dir, self.download, self.seed = str(data_dir), download, seed
+        self.scenario_kwargs = dict(
+            n_tasks=n_tasks,
+            samples_per_task=samples_per_task,
+            classes_per_task=classes_per_task,
+            init_cls_num=init_cls_num,
+            inc_cls_num=inc_cls_num,
+            class_order=None if scenario in DOMAIN_SCENARIOS else class_order,
+            validation=validation or None,
+        )
+        self.augment = augment
+        self.mean = None if mean is None else torch.tensor(list(mean)).view(1, -1, 1, 1)
+        self.std = None if std is None else torch.tensor(list(std)).view(1, -1, 1, 1)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.limits = (limit_tasks, limit_train_per_task, limit_test_per_task)
+        self.tasks: list[Task] | None = None
+        self.current = 0
+        self.train_tasks: list[int] = [0]
+        self.device = torch.device("cpu")
+
+    # ------------------------------------------------------------------ building
+    def build(self) -> ContinualDataModule:
+        if self.tasks is not None:
+            return self
+        if self.source == "mer":
+            tasks = from_mer(
+                load_mer(data_dir=self.data_dir, scenario=self.scenario),
+                n_tasks=self.n_tasks_requested,
+                samples_per_task=self.scenario_kwargs["samples_per_task"],
+            )
+        else:
+            split = load_source(self.source, **self._source_kwargs())
+            tasks = build_scenario(self.scenario, split, **self._scenario_kwargs())
+        limit_tasks, limit_train, limit_test = self.limits
+        if limit_tasks:
+            tasks = tasks[:limit_tasks]
+        if limit_train or limit_test:
+            # A seeded random subset: the splits are stored sorted by class.
+            gen = torch.Generator().manual_seed(self.seed)
+            for task in tasks:
+                keep = torch.randperm(len(task.y_train), generator=gen)[:limit_train]
+                task.x_train, task.y_train = task.x_train[keep], task.y_train[keep]
+                keep = torch.randperm(len(task.y_test), generator=gen)[:limit_test]
+                task.x_test, task.y_test = task.x_test[keep], task.y_test[keep]
+        self.tasks = tasks
+        return self
+
+    def _source_kwargs(self) -> dict:
+        if self.source == "bundled":
+            return {}
+        kwargs = {"data_dir": self.data_dir}
+        if self.source != "tinyimagenet":
+            kwargs["download"] = self.download
+        return kwargs
+
+    def _scenario_kwargs(self) -> dict:
+        """Pass the keys the scenario takes; a key it does not take must be left unset."""
+        accepted = inspect.signature(SCENARIOS[self.scenario]).parameters
+        kwargs = {"seed": self.seed}
+        for key, value in self.scenario_kwargs.items():
+            if value is None:
+                continue
+            if key not in accepted:
+                raise ConfigError(
+                    f"dataset.{key}={value} is not used by scenario '{self.scenario}'; "
+                    f"set it to null"
+                )
+            kwargs[key] = value
+        return kwargs
+
+    def to(self, device) -> ContinualDataModule:
+        """Move every task's tensors to the training device once."""
+        self.build()
+        self.device = torch.device(device)
+        for task in self.tasks:
+            for name in ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val"):
+                value = getattr(task, name)
+                if value is not None:
+                    setattr(task, name, value.to(self.device))
+        return self
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.build().tasks)
+
+    @property
+    def task_info(self) -> TaskInfo:
+        tasks = self.build().tasks
+        n_outputs = max(max(task.classes) for task in tasks) + 1
+        domain = all(task.classes == tasks[0].classes for task in tasks)
+        return TaskInfo(
+            n_tasks=len(tasks),
+            input_shape=tuple(tasks[0].x_train.shape[1:]),
+            n_outputs=n_outputs,
+            task_classes=tuple(tuple(task.classes) for task in tasks),
+            scenario="domain" if domain else "class",
+        )
+
+    # ------------------------------------------------------------------ streaming
+    def set_task(self, t: int, train_tasks: list[int] | None = None) -> None:
+        """Stream task t next (or the union of `train_tasks`, e.g. for the joint oracle)."""
+        self.current = t
+        self.train_tasks = [t] if train_tasks is None else list(train_tasks)
+
+    def prepare_batch(self, x: Tensor, train: bool) -> Tensor:
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        if train and self.augment:
+            x = random_crop_flip(x)
+        if self.mean is not None:
+            x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return x
+
+    def train_dataloader(self) -> TensorBatches:
+        tasks = [self.tasks[u] for u in self.train_tasks]
+        x = torch.cat([task.x_train for task in tasks])
+        y = torch.cat([task.y_train for task in tasks])
+        t = torch.cat(
+            [torch.full_like(task.y_train, u) for u, task in zip(self.train_tasks, tasks)]
+        )
+        return TensorBatches(
+            x, y, t, self.batch_size, True, lambda batch: self.prepare_batch(batch, True)
+        )
+
+    def eval_dataloaders(self, split: str = "test") -> list[TensorBatches]:
+        """One loader per task over its test (or validation) data, unshuffled, no augmentation."""
+        loaders = []
+        for u, task in enumerate(self.tasks):
+            x, y = (task.x_test, task.y_test) if split == "test" else (task.x_val, task.y_val)
+            if x is None:
+                raise ConfigError(f"split '{split}' is empty; set dataset.validation > 0")
+            loaders.append(
+                TensorBatches(
+                    x,
+                    y,
+                    torch.full_like(y, u),
+                    self.eval_batch_size,
+                    False,
+                    lambda batch: self.prepare_batch(batch, False),
+                )
+            )
+        return loaders

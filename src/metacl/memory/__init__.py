@@ -1,0 +1,3 @@
+from metacl.memory.reservoir import ReservoirBuffer
+
+__all__ = ["ReservoirBuffer"]

@@ -1,0 +1,1 @@
+"""Continual methods: one file each, all following methods.base.ContinualMethod."""
