@@ -1,0 +1,296 @@
+"""Functional backbones for continual and meta-learning.
+
+Every backbone keeps *all* of its learnable tensors in one flat ``nn.ParameterList`` and
+implements ``forward`` with explicit ``torch.nn.functional`` calls that read weights from a
+list. That lets meta-learners (MAML, La-MAML, ...) run the same network on "fast weights"
+(plain tensors produced by an inner-loop update, possibly with ``create_graph=True``) and lets
+``torch.func.vmap`` evaluate many weight sets at once, without ``torch.func.functional_call``
+or module surgery.
+
+Contract relied upon by the rest of the code base::
+
+    model = Backbone(input_shape, n_outputs, **hparams)
+    logits = model(x)                                  # own parameters
+    logits = model(x, params=fast_weights)             # same order as list(model.parameters())
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["BACKBONES", "MLP", "Backbone", "PcCNN", "ResNet18", "build_backbone"]
+
+
+class Backbone(nn.Module):
+    """Base class: a flat parameter list plus a forward that can run on external weights.
+
+    Subclasses append their parameters to ``self.params`` in the exact order in which
+    ``_forward`` consumes them, and must not register parameters anywhere else (otherwise
+    ``list(self.parameters())`` would no longer match the order ``_forward`` expects).
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], n_outputs: int, **hparams) -> None:
+        super().__init__()
+        if hparams:
+            raise TypeError(
+                f"{type(self).__name__} got unknown hyper-parameters: {sorted(hparams)}"
+            )
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.n_outputs = int(n_outputs)
+        self.params = nn.ParameterList()
+
+    def forward(self, x: Tensor, params: Sequence[Tensor] | None = None) -> Tensor:
+        """Return logits of shape (B, n_outputs).
+
+        ``params``: tensors in the order of ``list(self.parameters())``; None uses the module's
+        own parameters.
+        """
+        if params is None:
+            params = list(self.params)
+        elif len(params) != len(self.params):
+            raise ValueError(
+                f"{type(self).__name__} expects {len(self.params)} parameter tensors, "
+                f"got {len(params)}"
+            )
+        it = iter(params)
+        out = self._forward(x, it)
+        # A leftover tensor means registration and forward order drifted apart: fail loudly
+        # rather than silently ignoring a weight.
+        if next(it, None) is not None:
+            raise RuntimeError(f"{type(self).__name__}._forward did not consume every parameter")
+        return out
+
+    def _forward(self, x: Tensor, params: Iterator[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def _add(self, *tensors: Tensor) -> None:
+        """Append tensors (typically taken from a throw-away nn layer) as parameters."""
+        for t in tensors:
+            self.params.append(t if isinstance(t, nn.Parameter) else nn.Parameter(t))
+
+
+def _conv_out(size: int, kernel: int = 3, stride: int = 1, padding: int = 1) -> int:
+    """Spatial size after a convolution / pooling with the given geometry."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+# --------------------------------------------------------------------------------------------
+# MLP
+# --------------------------------------------------------------------------------------------
+
+
+class MLP(Backbone):
+    """Fully connected ReLU network; default 784-100-100-10 is La-MAML's MNIST learner.
+
+    Weights use PyTorch's default ``nn.Linear`` initialisation (kaiming-uniform, a=sqrt(5),
+    uniform bias): the layers are built as ``nn.Linear`` and only their Parameters are kept.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        n_outputs: int,
+        hidden: Sequence[int] = (100, 100),
+        **hparams,
+    ) -> None:
+        super().__init__(input_shape, n_outputs, **hparams)
+        self.hidden = tuple(int(h) for h in hidden)
+        sizes = [math.prod(self.input_shape), *self.hidden, self.n_outputs]
+        for fan_in, fan_out in itertools.pairwise(sizes):
+            layer = nn.Linear(fan_in, fan_out)
+            self._add(layer.weight, layer.bias)
+
+    def _forward(self, x: Tensor, params: Iterator[Tensor]) -> Tensor:
+        x = x.reshape(x.shape[0], -1)
+        n_layers = len(self.hidden) + 1
+        for i in range(n_layers):
+            x = F.linear(x, next(params), next(params))
+            if i < n_layers - 1:  # no activation on the logits
+                x = F.relu(x)
+        return x
+
+
+# --------------------------------------------------------------------------------------------
+# La-MAML's pc_cnn
+# --------------------------------------------------------------------------------------------
+
+
+class PcCNN(Backbone):
+    """La-MAML's ``pc_cnn``: stride-2 3x3 convs (160 ch) + ReLU, then a 3-layer ReLU MLP head.
+
+    La-MAML uses 3 convs and 320-unit hidden layers for CIFAR-100 (32x32) and 4 convs with
+    640 units for TinyImageNet (64x64); both shrink the image to 4x4 before flattening. The
+    defaults follow that rule: inputs up to 32 px get (3, 320), larger ones (4, 640).
+    Initialisation also follows La-MAML's learner: kaiming-normal weights, zero biases.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        n_outputs: int,
+        channels: int = 160,
+        n_conv: int | None = None,
+        hidden: int | None = None,
+        **hparams,
+    ) -> None:
+        super().__init__(input_shape, n_outputs, **hparams)
+        if len(self.input_shape) != 3:
+            raise ValueError(f"PcCNN needs a (C, H, W) input shape, got {self.input_shape}")
+        in_ch, h, w = self.input_shape
+        small = max(h, w) <= 32
+        self.channels = int(channels)
+        self.n_conv = int(n_conv) if n_conv is not None else (3 if small else 4)
+        self.hidden = int(hidden) if hidden is not None else (320 if small else 640)
+
+        for i in range(self.n_conv):
+            weight = torch.empty(self.channels, in_ch if i == 0 else self.channels, 3, 3)
+            nn.init.kaiming_normal_(weight)
+            self._add(weight, torch.zeros(self.channels))
+            h, w = _conv_out(h, stride=2), _conv_out(w, stride=2)
+        self.flat_features = self.channels * h * w
+
+        sizes = [self.flat_features, self.hidden, self.hidden, self.n_outputs]
+        for fan_in, fan_out in itertools.pairwise(sizes):
+            weight = torch.empty(fan_out, fan_in)
+            nn.init.kaiming_normal_(weight)
+            self._add(weight, torch.zeros(fan_out))
+
+    def _forward(self, x: Tensor, params: Iterator[Tensor]) -> Tensor:
+        x = x.reshape(x.shape[0], *self.input_shape)
+        for _ in range(self.n_conv):
+            x = F.relu(F.conv2d(x, next(params), next(params), stride=2, padding=1))
+        x = x.reshape(x.shape[0], -1)
+        x = F.relu(F.linear(x, next(params), next(params)))
+        x = F.relu(F.linear(x, next(params), next(params)))
+        return F.linear(x, next(params), next(params))
+
+
+# --------------------------------------------------------------------------------------------
+# Reduced ResNet-18 (GEM / A-GEM)
+# --------------------------------------------------------------------------------------------
+
+
+class ResNet18(Backbone):
+    """Reduced ResNet-18 of GEM / A-GEM: BasicBlocks [2, 2, 2, 2] with widths nf..8nf.
+
+    Layout: 3x3 stem conv (stride 1, no bias) + BN + ReLU; four stages of two BasicBlocks
+    (first block of stages 2-4 has stride 2, with a 1x1 conv + BN shortcut whenever shape
+    changes); 4x4 average pooling; linear classifier. With nf=20 and 32x32 inputs the
+    classifier sees 160 features.
+
+    Batch norm is functional: its affine weight/bias live in the parameter list (so fast
+    weights cover them), its running statistics are buffers. With ``track_running_stats=True``
+    they are used in eval mode and updated in train mode, exactly like ``nn.BatchNorm2d``.
+    With ``track_running_stats=False`` batch statistics are always used and nothing is
+    written in place, which is what ``torch.func.vmap`` over parameter sets requires.
+    """
+
+    stage_blocks = (2, 2, 2, 2)
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        n_outputs: int,
+        nf: int = 20,
+        track_running_stats: bool = True,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+        **hparams,
+    ) -> None:
+        super().__init__(input_shape, n_outputs, **hparams)
+        if len(self.input_shape) != 3:
+            raise ValueError(f"ResNet18 needs a (C, H, W) input shape, got {self.input_shape}")
+        in_ch, h, w = self.input_shape
+        self.nf = int(nf)
+        self.track_running_stats = bool(track_running_stats)
+        self.bn_momentum = bn_momentum
+        self.bn_eps = bn_eps
+        self._n_bn = 0
+
+        # Registration order below must mirror _forward exactly.
+        self._add_conv_bn(in_ch, self.nf, kernel=3)
+        # Per block: (stride, has_shortcut); consumed by _forward.
+        self.blocks: list[tuple[int, bool]] = []
+        planes_in = self.nf
+        for stage, n_blocks in enumerate(self.stage_blocks):
+            planes = self.nf * 2**stage
+            for b in range(n_blocks):
+                stride = 2 if (stage > 0 and b == 0) else 1
+                shortcut = stride != 1 or planes_in != planes
+                self._add_conv_bn(planes_in, planes, kernel=3)
+                self._add_conv_bn(planes, planes, kernel=3)
+                if shortcut:
+                    self._add_conv_bn(planes_in, planes, kernel=1)
+                self.blocks.append((stride, shortcut))
+                h, w = _conv_out(h, stride=stride), _conv_out(w, stride=stride)
+                planes_in = planes
+
+        h, w = _conv_out(h, 4, 4, 0), _conv_out(w, 4, 4, 0)  # avg_pool2d(4)
+        if h < 1 or w < 1:
+            raise ValueError(f"input {self.input_shape} too small for ResNet18's 4x4 pooling")
+        self.flat_features = planes_in * h * w
+        head = nn.Linear(self.flat_features, self.n_outputs)
+        self._add(head.weight, head.bias)
+
+    def _add_conv_bn(self, c_in: int, c_out: int, kernel: int) -> None:
+        # nn.Conv2d only to get PyTorch's default init; GEM's convs have no bias (BN follows).
+        conv = nn.Conv2d(c_in, c_out, kernel, bias=False)
+        self._add(conv.weight, torch.ones(c_out), torch.zeros(c_out))
+        if self.track_running_stats:
+            self.register_buffer(f"bn{self._n_bn}_mean", torch.zeros(c_out))
+            self.register_buffer(f"bn{self._n_bn}_var", torch.ones(c_out))
+        self._n_bn += 1
+
+    def _conv_bn(
+        self, x: Tensor, params: Iterator[Tensor], bn_idx: int, stride: int, padding: int
+    ) -> Tensor:
+        x = F.conv2d(x, next(params), None, stride=stride, padding=padding)
+        weight, bias = next(params), next(params)
+        if self.track_running_stats:
+            return F.batch_norm(
+                x,
+                getattr(self, f"bn{bn_idx}_mean"),
+                getattr(self, f"bn{bn_idx}_var"),
+                weight,
+                bias,
+                training=self.training,
+                momentum=self.bn_momentum,
+                eps=self.bn_eps,
+            )
+        return F.batch_norm(x, None, None, weight, bias, training=True, eps=self.bn_eps)
+
+    def _forward(self, x: Tensor, params: Iterator[Tensor]) -> Tensor:
+        x = x.reshape(x.shape[0], *self.input_shape)
+        bn = iter(range(self._n_bn))
+        out = F.relu(self._conv_bn(x, params, next(bn), stride=1, padding=1))
+        for stride, has_shortcut in self.blocks:
+            h = F.relu(self._conv_bn(out, params, next(bn), stride=stride, padding=1))
+            h = self._conv_bn(h, params, next(bn), stride=1, padding=1)
+            if has_shortcut:
+                out = self._conv_bn(out, params, next(bn), stride=stride, padding=0)
+            out = F.relu(h + out)
+        out = F.avg_pool2d(out, 4)
+        out = out.reshape(out.shape[0], -1)
+        return F.linear(out, next(params), next(params))
+
+
+BACKBONES: dict[str, type[Backbone]] = {
+    "mlp": MLP,
+    "pc_cnn": PcCNN,
+    "resnet18": ResNet18,
+}
+
+
+def build_backbone(name: str, input_shape: tuple[int, ...], n_outputs: int, **hparams) -> Backbone:
+    """Instantiate a registered backbone by name (convenience for configs)."""
+    try:
+        cls = BACKBONES[name]
+    except KeyError:
+        raise KeyError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}") from None
+    return cls(input_shape, n_outputs, **hparams)
