@@ -77,25 +77,27 @@ class StreamCallback(pl.Callback):
 
 
 @torch.no_grad()
-def evaluate(method, dm, n_trained: int) -> tuple[list[float], list[float] | None]:
+def evaluate(method, dm, n_trained: int, variant: str | None = None
+             ) -> tuple[list[float], list[float] | None]:
     """Accuracy on every task's test set: task-aware, and task-agnostic on class splits.
 
     Task-agnostic predictions may choose any class of the tasks trained so far (all classes
-    before training).
+    before training). `variant` picks one of the method's `eval_variants`.
     """
     was_training = method.training
     method.eval()
     info = dm.task_info
     mask = method.class_mask.to(method.device)
-    allowed = mask[: max(n_trained, 1)].any(0) if n_trained else torch.ones_like(mask[0])
+    allowed = mask[:n_trained].any(0) if n_trained else torch.ones_like(mask[0])
     aware, agnostic = [], []
     for u, loader in enumerate(dm.eval_dataloaders("test")):
         correct_aware = torch.zeros((), device=method.device)
         correct_agnostic = torch.zeros((), device=method.device)
         for x, y, _ in loader:
-            correct_aware += (method.predict(x, u) == y).sum()
+            correct_aware += (method.predict(x, u, variant=variant) == y).sum()
             if info.multi_head:
-                correct_agnostic += (method.predict(x, u, allowed=allowed) == y).sum()
+                pred = method.predict(x, u, allowed=allowed, variant=variant)
+                correct_agnostic += (pred == y).sum()
         n = len(loader.y)
         aware.append(float(correct_aware) / n)
         agnostic.append(float(correct_agnostic) / n)
@@ -167,6 +169,7 @@ def main(cfg: DictConfig) -> float:
                         MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                         TimeElapsedColumn(), console=console, transient=True)
     step = 0
+    variant_rows = {variant: [] for variant in method.eval_variants}
     try:
         before, before_agnostic = evaluate(method, dm, 0)
         results["accuracy_before"] = before
@@ -192,6 +195,8 @@ def main(cfg: DictConfig) -> float:
                 method.after_task(t, dm)
 
                 aware, agnostic = evaluate(method, dm, t + 1)
+                for variant in method.eval_variants:
+                    variant_rows[variant].append(evaluate(method, dm, t + 1, variant)[0])
                 results["accuracy_matrix"].append(aware)
                 if info.multi_head:
                     results["accuracy_matrix_agnostic"].append(agnostic)
@@ -217,6 +222,8 @@ def main(cfg: DictConfig) -> float:
         if info.multi_head:
             save_matrix_csv(results["accuracy_matrix_agnostic"],
                             out_dir / "accuracy_matrix_agnostic.csv")
+        for variant, rows in variant_rows.items():
+            save_matrix_csv(rows, out_dir / f"accuracy_matrix_{variant}.csv")
         save_results()
         run_logger.log_matrix(R, str(out_dir / "accuracy_matrix.png"), step)
         run_logger.finish(results["metrics"], "completed")

@@ -65,6 +65,7 @@ class ContinualDataModule(pl.LightningDataModule):
         n_tasks: int,
         data_dir: str = "data",
         download: bool = False,
+        verify_checksums: bool = True,
         samples_per_task: int | None = None,
         classes_per_task: int | None = None,
         init_cls_num: int | None = None,
@@ -88,15 +89,16 @@ class ContinualDataModule(pl.LightningDataModule):
             )
         self.source, self.scenario, self.n_tasks_requested = source, scenario, n_tasks
         self.data_dir, self.download, self.seed = str(data_dir), download, seed
-        self.scenario_kwargs = dict(
-            n_tasks=n_tasks,
-            samples_per_task=samples_per_task,
-            classes_per_task=classes_per_task,
-            init_cls_num=init_cls_num,
-            inc_cls_num=inc_cls_num,
-            class_order=None if scenario in DOMAIN_SCENARIOS else class_order,
-            validation=validation or None,
-        )
+        self.verify_checksums = verify_checksums
+        self.scenario_kwargs = {
+            "n_tasks": n_tasks,
+            "samples_per_task": samples_per_task,
+            "classes_per_task": classes_per_task,
+            "init_cls_num": init_cls_num,
+            "inc_cls_num": inc_cls_num,
+            "class_order": None if scenario in DOMAIN_SCENARIOS else class_order,
+            "validation": validation or None,
+        }
         self.augment = augment
         self.mean = None if mean is None else torch.tensor(list(mean)).view(1, -1, 1, 1)
         self.std = None if std is None else torch.tensor(list(std)).view(1, -1, 1, 1)
@@ -140,6 +142,8 @@ class ContinualDataModule(pl.LightningDataModule):
         kwargs = {"data_dir": self.data_dir}
         if self.source != "tinyimagenet":
             kwargs["download"] = self.download
+        if self.source in ("cifar10", "cifar100"):
+            kwargs["verify_md5"] = self.verify_checksums
         return kwargs
 
     def _scenario_kwargs(self) -> dict:

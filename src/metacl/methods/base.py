@@ -86,8 +86,14 @@ class ContinualMethod(pl.LightningModule):
         self.last_loss = self.observe(x, y, t)
 
     # ----------------------------------------------------------------- evaluation
+    # Extra ways this method can predict, each evaluated into its own matrix
+    # (accuracy_matrix_<variant>.csv), e.g. iCaRL's plain softmax head beside its
+    # nearest-mean-of-exemplars classifier. The main matrix uses variant=None.
+    eval_variants: tuple[str, ...] = ()
+
     @torch.no_grad()
-    def predict(self, x: Tensor, t: int, allowed: Tensor | None = None) -> Tensor:
+    def predict(self, x: Tensor, t: int, allowed: Tensor | None = None,
+                variant: str | None = None) -> Tensor:
         """Predicted labels for a batch of task t.
 
         allowed: None for task-aware prediction (only task t's classes, on class splits), or a
