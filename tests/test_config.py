@@ -1,0 +1,79 @@
+"""Every option of every config group composes and instantiates."""
+
+import pytest
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+
+from metacl.models.backbones import MLP
+from metacl.task_info import TaskInfo
+
+from .conftest import CONF
+
+INPUT_SHAPES = {"mnist": (1, 28, 28), "bundled": (1, 28, 28), "mer": (1, 28, 28),
+                "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "tinyimagenet": (3, 64, 64)}
+
+
+def options(group):
+    return sorted(str(p.relative_to(CONF / group).with_suffix(""))
+                  for p in (CONF / group).rglob("*.yaml"))
+
+
+def _task_info(cfg):
+    shape = INPUT_SHAPES[cfg.dataset.source]
+    if cfg.dataset.scenario == "class_split":
+        n_tasks = cfg.dataset.n_tasks
+        per_task = cfg.dataset.classes_per_task or 2
+        classes = tuple(tuple(range(u * per_task, (u + 1) * per_task)) for u in range(n_tasks))
+        return TaskInfo(n_tasks, shape, n_tasks * per_task, classes, "class")
+    return TaskInfo(cfg.dataset.n_tasks, shape, 10, ((*range(10),),) * cfg.dataset.n_tasks,
+                    "domain")
+
+
+def _instantiate_all(cfg):
+    dm = instantiate(cfg.dataset)  # building (loading data) is tested elsewhere
+    assert dm.batch_size == cfg.method.batch_size
+    info = _task_info(cfg)
+    backbone = instantiate(cfg.model, input_shape=info.input_shape, n_outputs=info.n_outputs)
+    method = instantiate(cfg.method, _partial_=True)(backbone=backbone, task_info=info)
+    assert method.batch_size == cfg.method.batch_size
+    trainer_kwargs = {**cfg.trainer, "accelerator": "cpu"}
+    pl.Trainer(**trainer_kwargs, logger=False, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False)
+    instantiate(cfg.logger)
+    return method
+
+
+@pytest.mark.parametrize("group", ["dataset", "model", "method", "trainer", "logger", "debug"])
+def test_every_option_of_every_group_instantiates(compose, group):
+    for option in options(group):
+        cfg = compose([f"{group}={option}", "paths.output_dir=/tmp/unused"])
+        if group == "model":
+            # backbones need an input of their kind: pair image models with CIFAR
+            cfg = compose([f"model={option}", "dataset=cifar100", "paths.output_dir=/tmp/x"])
+        _instantiate_all(cfg)
+
+
+def test_every_experiment_composes_and_instantiates(compose):
+    experiments = options("experiment")
+    for experiment in experiments:
+        cfg = compose([f"experiment={experiment}", "paths.output_dir=/tmp/unused"])
+        _instantiate_all(cfg)
+
+
+def test_defaults_are_the_documented_default_experiment(compose):
+    cfg = compose(["paths.output_dir=/tmp/unused"])
+    assert cfg.dataset.scenario == "mnist_rotations" and cfg.dataset.source == "bundled"
+    assert cfg.dataset.n_tasks == 20 and cfg.dataset.samples_per_task == 1000
+    assert cfg.method.n_epochs == 1 and cfg.trainer.max_epochs == 1
+
+
+def test_method_owns_batch_size_and_epochs(compose):
+    cfg = compose(["method.batch_size=7", "method.n_epochs=3", "paths.output_dir=/tmp/x"])
+    assert cfg.dataset.batch_size == 7 and cfg.trainer.max_epochs == 3
+
+
+def test_mlp_is_the_la_maml_mnist_net(compose):
+    cfg = compose(["paths.output_dir=/tmp/x"])
+    model = instantiate(cfg.model, input_shape=(1, 28, 28), n_outputs=10)
+    assert isinstance(model, MLP)
+    assert sum(p.numel() for p in model.parameters()) == 784 * 100 + 100 + 100 * 100 + 100 + 1010
