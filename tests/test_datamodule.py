@@ -4,15 +4,15 @@ from metacl.data.datamodule import ContinualDataModule, random_crop_flip
 
 
 def _dm(**kwargs):
-    args = dict(source="bundled", scenario="mnist_rotations", n_tasks=3, samples_per_task=50,
-                batch_size=8, seed=0)
+    args = {"source": "bundled", "scenario": "mnist_rotations", "n_tasks": 3, "samples_per_task": 50,
+                "batch_size": 8, "seed": 0}
     return ContinualDataModule(**{**args, **kwargs}).build()
 
 
 def test_one_epoch_streams_every_sample_of_the_task_once():
     dm = _dm()
     dm.set_task(1)
-    xs, ys, ts = zip(*dm.train_dataloader())
+    xs, _ys, ts = zip(*dm.train_dataloader())
     assert len(xs) == len(dm.train_dataloader()) == 7  # ceil(50 / 8)
     assert set(torch.cat(ts).tolist()) == {1}
     assert torch.cat(xs).dtype == torch.float32 and torch.cat(xs).max() <= 1.0

@@ -13,7 +13,7 @@ def test_reservoir_fills_in_order_then_keeps_capacity():
     buffer = ReservoirBuffer(25, (3,))
     _fill(buffer, 20)
     assert len(buffer) == 20
-    x, y, t = buffer.all()
+    x, y, _t = buffer.all()
     assert torch.equal(y, torch.arange(20)) and torch.equal(x[:, 0], torch.arange(20.0))
     _fill(buffer, 500)
     assert len(buffer) == 25 and int(buffer.age) == 520
@@ -36,7 +36,7 @@ def test_reservoir_sample_is_distinct_and_bounded():
     buffer = ReservoirBuffer(50, (3,))
     assert buffer.sample(10)[0].shape == (0, 3)
     _fill(buffer, 5)
-    x, y, t = buffer.sample(10)
+    _x, y, _t = buffer.sample(10)
     assert len(y) == 5 and sorted(y.tolist()) == list(range(5))
     _fill(buffer, 100)
     assert len(set(buffer.sample(10)[1].tolist())) == 10

@@ -13,7 +13,11 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
+
+# Lightning 2.6 on torch 2.14 warns about its own use of a deprecated torch API at every fit.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 import pytorch_lightning as pl
 import torch
@@ -171,7 +175,7 @@ def main(cfg: DictConfig) -> float:
     step = 0
     variant_rows = {variant: [] for variant in method.eval_variants}
     try:
-        before, before_agnostic = evaluate(method, dm, 0)
+        before, _ = evaluate(method, dm, 0)
         results["accuracy_before"] = before
         with progress:
             for t in range(info.n_tasks):
@@ -211,7 +215,7 @@ def main(cfg: DictConfig) -> float:
                     ckpt_dir.mkdir(exist_ok=True)
                     state = {"method_state": method.state_dict(), "tasks_done": t + 1,
                              "accuracy_matrix": done, "accuracy_before": before}
-                    _atomic_write(ckpt_dir / "last.ckpt", lambda p: torch.save(state, p))
+                    _atomic_write(ckpt_dir / "last.ckpt", lambda p, state=state: torch.save(state, p))
 
         R = results["accuracy_matrix"]
         results["metrics"] = compute_metrics(R, before)
