@@ -91,6 +91,10 @@ class WandbRunLogger(NullRunLogger):
             save_dir=output_dir, mode=self.mode, config=config,
         )
         self.run = self.logger.experiment  # starts the run now, not at the first metric
+        # Per-task rows are plotted against the task index; the loss against the batch step.
+        if hasattr(self.run, "define_metric"):
+            self.run.define_metric("task")
+            self.run.define_metric("acc/*", step_metric="task")
 
     def log_metrics(self, metrics, step):
         self.logger.log_metrics(metrics, step=step)

@@ -12,6 +12,11 @@ Contract relied upon by the rest of the code base::
     model = Backbone(input_shape, n_outputs, **hparams)
     logits = model(x)                                  # own parameters
     logits = model(x, params=fast_weights)             # same order as list(model.parameters())
+    feats = model.features(x)                          # (B, model.feature_dim) penultimate features
+    logits = model.head(feats)                         # the final linear layer alone
+
+Every backbone ends in one linear layer whose weight and bias are the *last two* parameters;
+subclasses implement ``_features`` (everything before it) and the base class adds the head.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class Backbone(nn.Module):
     Subclasses append their parameters to ``self.params`` in the exact order in which
     ``_forward`` consumes them, and must not register parameters anywhere else (otherwise
     ``list(self.parameters())`` would no longer match the order ``_forward`` expects).
+    The default ``_forward`` is ``_features`` followed by a linear head made of the last two
+    parameters; a subclass implements ``_features`` and sets ``feature_dim``.
     """
 
     def __init__(self, input_shape: tuple[int, ...], n_outputs: int, **hparams) -> None:
@@ -66,7 +73,32 @@ class Backbone(nn.Module):
             raise RuntimeError(f"{type(self).__name__}._forward did not consume every parameter")
         return out
 
+    def features(self, x: Tensor, params: Sequence[Tensor] | None = None) -> Tensor:
+        """Penultimate features (B, feature_dim): the whole network except its final linear layer.
+
+        ``params`` as in ``forward`` (all of them, head included; the head's are not used).
+        """
+        params = list(self.params) if params is None else list(params)
+        if len(params) != len(self.params):
+            raise ValueError(
+                f"{type(self).__name__} expects {len(self.params)} parameter tensors, "
+                f"got {len(params)}"
+            )
+        it = iter(params[:-2])
+        out = self._features(x, it)
+        if next(it, None) is not None:
+            raise RuntimeError(f"{type(self).__name__}._features did not consume every parameter")
+        return out
+
+    def head(self, features: Tensor, params: Sequence[Tensor] | None = None) -> Tensor:
+        """The final linear layer on ``features``: ``model.head(model.features(x)) == model(x)``."""
+        weight, bias = (list(self.params) if params is None else list(params))[-2:]
+        return F.linear(features, weight, bias)
+
     def _forward(self, x: Tensor, params: Iterator[Tensor]) -> Tensor:
+        return F.linear(self._features(x, params), next(params), next(params))
+
+    def _features(self, x: Tensor, params: Iterator[Tensor]) -> Tensor:
         raise NotImplementedError
 
     def _add(self, *tensors: Tensor) -> None:
@@ -102,17 +134,15 @@ class MLP(Backbone):
         super().__init__(input_shape, n_outputs, **hparams)
         self.hidden = tuple(int(h) for h in hidden)
         sizes = [math.prod(self.input_shape), *self.hidden, self.n_outputs]
+        self.feature_dim = sizes[-2]
         for fan_in, fan_out in itertools.pairwise(sizes):
             layer = nn.Linear(fan_in, fan_out)
             self._add(layer.weight, layer.bias)
 
-    def _forward(self, x: Tensor, params: Iterator[Tensor]) -> Tensor:
+    def _features(self, x: Tensor, params: Iterator[Tensor]) -> Tensor:
         x = x.reshape(x.shape[0], -1)
-        n_layers = len(self.hidden) + 1
-        for i in range(n_layers):
-            x = F.linear(x, next(params), next(params))
-            if i < n_layers - 1:  # no activation on the logits
-                x = F.relu(x)
+        for _ in self.hidden:
+            x = F.relu(F.linear(x, next(params), next(params)))
         return x
 
 
@@ -155,20 +185,20 @@ class PcCNN(Backbone):
             h, w = _conv_out(h, stride=2), _conv_out(w, stride=2)
         self.flat_features = self.channels * h * w
 
+        self.feature_dim = self.hidden
         sizes = [self.flat_features, self.hidden, self.hidden, self.n_outputs]
         for fan_in, fan_out in itertools.pairwise(sizes):
             weight = torch.empty(fan_out, fan_in)
             nn.init.kaiming_normal_(weight)
             self._add(weight, torch.zeros(fan_out))
 
-    def _forward(self, x: Tensor, params: Iterator[Tensor]) -> Tensor:
+    def _features(self, x: Tensor, params: Iterator[Tensor]) -> Tensor:
         x = x.reshape(x.shape[0], *self.input_shape)
         for _ in range(self.n_conv):
             x = F.relu(F.conv2d(x, next(params), next(params), stride=2, padding=1))
         x = x.reshape(x.shape[0], -1)
         x = F.relu(F.linear(x, next(params), next(params)))
-        x = F.relu(F.linear(x, next(params), next(params)))
-        return F.linear(x, next(params), next(params))
+        return F.relu(F.linear(x, next(params), next(params)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,6 +265,7 @@ class ResNet18(Backbone):
         if h < 1 or w < 1:
             raise ValueError(f"input {self.input_shape} too small for ResNet18's 4x4 pooling")
         self.flat_features = planes_in * h * w
+        self.feature_dim = self.flat_features
         head = nn.Linear(self.flat_features, self.n_outputs)
         self._add(head.weight, head.bias)
 
@@ -265,7 +296,7 @@ class ResNet18(Backbone):
             )
         return F.batch_norm(x, None, None, weight, bias, training=True, eps=self.bn_eps)
 
-    def _forward(self, x: Tensor, params: Iterator[Tensor]) -> Tensor:
+    def _features(self, x: Tensor, params: Iterator[Tensor]) -> Tensor:
         x = x.reshape(x.shape[0], *self.input_shape)
         bn = iter(range(self._n_bn))
         out = F.relu(self._conv_bn(x, params, next(bn), stride=1, padding=1))
@@ -276,8 +307,7 @@ class ResNet18(Backbone):
                 out = self._conv_bn(out, params, next(bn), stride=stride, padding=0)
             out = F.relu(h + out)
         out = F.avg_pool2d(out, 4)
-        out = out.reshape(out.shape[0], -1)
-        return F.linear(out, next(params), next(params))
+        return out.reshape(out.shape[0], -1)
 
 
 BACKBONES: dict[str, type[Backbone]] = {
