@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -132,6 +133,14 @@ def _hydra_info(cfg: DictConfig) -> tuple[str, str | None]:
         return f"run-seed{cfg.seed}", None
 
 
+# How a run proceeds is decided by its datamodule's `protocol`, never by the method's name:
+# a stream of tasks (continual) or episodes of few-shot tasks (meta-learning).
+PROTOCOLS = {
+    "continual": "metacl.run:run_continual",
+    "episodic": "metacl.fewshot.loop:run_episodic",
+}
+
+
 def main(cfg: DictConfig) -> float:
     started = time.perf_counter()
     for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
@@ -142,6 +151,18 @@ def main(cfg: DictConfig) -> float:
 
     device = resolve_device(cfg.trainer.accelerator)
     dm = instantiate(cfg.dataset).build().to(device)
+    protocol = getattr(dm, "protocol", "continual")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"dataset protocol '{protocol}' is unknown; allowed: "
+                          f"{', '.join(PROTOCOLS)}")
+    module_name, function_name = PROTOCOLS[protocol].split(":")
+    runner = getattr(importlib.import_module(module_name), function_name)
+    return runner(cfg, dm, device, out_dir, started)
+
+
+def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
+                  started: float) -> float:
+    """The continual loop (module docstring); returns cfg.optimized_metric."""
     info = dm.task_info
     backbone = instantiate(cfg.model, input_shape=info.input_shape, n_outputs=info.n_outputs)
     # _partial_: the backbone and TaskInfo are objects, not config values to merge.
