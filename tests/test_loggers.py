@@ -50,3 +50,78 @@ def test_csv_logger_writes_metrics(tmp_path):
     logger.finish({"RA": 0.5}, "completed")
     text = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "train/loss" in text and "0.25" in text and "final/RA" in text
+
+
+def _offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var, sub in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
+                     ("WANDB_DATA_DIR", "data")):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home" / sub))
+
+
+def test_wandb_run_has_rows_heatmaps_matrix_table_summary_and_results_artifact(monkeypatch,
+                                                                                tmp_path):
+    import json
+
+    from metacl.metrics import save_matrix_heatmap
+
+    _offline(monkeypatch, tmp_path)
+    out = tmp_path / "job"
+    out.mkdir()
+    logger = WandbRunLogger(tags=["paper"])
+    assert logger.wants_images
+    logger.start({"seed": 0, "method": {"lr": 0.1}}, str(out), "er-rot-seed0-method.lr=0.1",
+                 "train-sweep42", tags=["er", "mnist_rotations"], job_type="sweep")
+    R = [[0.9, 0.2], [0.7, 0.8]]
+    for t in range(2):
+        png = out / "accuracy_matrix.png"
+        save_matrix_heatmap(R[: t + 1], png)
+        logger.log_task(t, R[t], {"test/RA": sum(R[t]) / 2, "val/RA": 0.5}, 10 * (t + 1),
+                        str(png))
+    results = out / "results.json"
+    results.write_text(json.dumps({"status": "completed", "accuracy_matrix": R}))
+    logger.log_matrix(R, str(out / "accuracy_matrix.png"), 20)
+    logger.finish({"RA": 0.75, "val/RA": 0.5}, "completed", files=[str(results)])
+    import wandb
+
+    wandb.teardown()  # the W&B service flushes the run file when it stops (at exit in a job)
+
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    media = run_dir / "files" / "media"
+    (table,) = (media / "table").glob("accuracy_matrix_*.table.json")
+    table = json.loads(table.read_text())
+    assert table["columns"] == ["after_task", "task_0", "task_1"]
+    assert table["data"] == [[0, 0.9, 0.2], [1, 0.7, 0.8]]
+    assert len(list((media / "images").glob("accuracy_heatmap_*.png"))) == 2  # one per task
+    assert len(list((media / "images").glob("accuracy_matrix_heatmap_*.png"))) == 1
+    (log,) = run_dir.glob("run-*.wandb")
+    data = log.read_bytes()
+    for text in ("er-rot-seed0-method.lr=0.1", "train-sweep42", "sweep", "paper",
+                 "mnist_rotations", "acc/task_1", "val/RA", "completed",
+                 f"results-{run_dir.name.rsplit('-', 1)[1]}"):
+        assert text.encode() in data, text
+
+
+def test_each_job_in_one_process_gets_its_own_finished_run(monkeypatch, tmp_path):
+    import wandb
+
+    _offline(monkeypatch, tmp_path)
+    for job in ("job0", "job1"):  # e.g. two trials of an in-process Optuna search
+        logger = WandbRunLogger()
+        logger.start({"job": job}, str(tmp_path / job), job, "sweep")
+        logger.finish({"RA": 0.5}, "completed")
+        assert wandb.run is None  # finished before the next job starts
+    runs = [next((tmp_path / job / "wandb").glob("offline-run-*")).name
+            for job in ("job0", "job1")]
+    assert runs[0] != runs[1]
+
+
+def test_csv_logger_writes_the_accuracy_row_and_metrics_so_far(tmp_path):
+    logger = CsvRunLogger()
+    logger.start({"seed": 0}, str(tmp_path), "run", None)
+    logger.log_task(1, [0.5, 0.75], {"test/RA": 0.625}, step=8)
+    logger.finish({"RA": 0.625, "status_note": "text is skipped"}, "completed")
+    text = (tmp_path / "csv" / "metrics.csv").read_text()
+    assert "acc/task_1" in text and "test/RA" in text and "acc/mean_seen" in text
+    assert "status_note" not in text

@@ -4,7 +4,12 @@
     for t in tasks:
         before_task -> fresh Trainer.fit over task t -> after_task
         R[t] = evaluate(method, dm)                 # accuracy on every task
+        V[t] = evaluate(method, dm, split="val")    # the same on the validation split, if any
         save matrix, metrics and checkpoint; log the row
+
+A run whose loss or weights become NaN/inf stops with `DivergedError`. In a multirun (`-m`,
+Optuna, submitit, joblib) a failing job never stops the sweep: `main` records it as failed in its
+results.json and returns NaN, which the Optuna sweeper records as a failed trial.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
+import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Lightning 2.6 on torch 2.14 warns about its own use of a deprecated torch API at every fit.
@@ -22,13 +30,14 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from metacl.errors import ConfigError
-from metacl.metrics import compute_metrics, partial_metrics
+from metacl.errors import ConfigError, MetaclError
+from metacl.metrics import METRIC_KEYS, compute_metrics, partial_metrics
 from metacl.metrics.plots import save_matrix_csv, save_matrix_heatmap
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,21 @@ def resolve_device(accelerator: str) -> torch.device:
         return torch.device("cpu")
     raise ConfigError(f"trainer.accelerator={accelerator} is not supported; "
                       "allowed: auto, cpu, gpu")
+
+
+class DivergedError(RuntimeError):
+    """The training loss or the weights became NaN or infinite."""
+
+
+def _check_finite_loss(loss: float, task: int, step: int) -> None:
+    if not math.isfinite(loss):
+        raise DivergedError(f"training loss became {loss} in task {task} (batch {step})")
+
+
+def _check_finite_weights(method, task: int) -> None:
+    params = [p for p in method.parameters() if p.is_floating_point()]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise DivergedError(f"weights became NaN or infinite in task {task}")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -76,18 +100,20 @@ class StreamCallback(pl.Callback):
         self.step += 1
         if self.step % self.log_every == 0 and pl_module.last_loss is not None:
             loss = float(pl_module.last_loss)  # the only host sync, every log_every batches
+            _check_finite_loss(loss, self.task, self.step)
             self.run_logger.log_metrics({"train/loss": loss, "task": self.task}, self.step)
             self.progress.update(self.bar, loss=f"{loss:.3f}")
         self.progress.advance(self.bar)
 
 
 @torch.no_grad()
-def evaluate(method, dm, n_trained: int, variant: str | None = None
+def evaluate(method, dm, n_trained: int, variant: str | None = None, split: str = "test"
              ) -> tuple[list[float], list[float] | None]:
     """Accuracy on every task's test set: task-aware, and task-agnostic on class splits.
 
     Task-agnostic predictions may choose any class of the tasks trained so far (all classes
-    before training). `variant` picks one of the method's `eval_variants`.
+    before training). `variant` picks one of the method's `eval_variants`; `split="val"`
+    evaluates on the held-out validation split instead (hyperparameter search).
     """
     was_training = method.training
     method.eval()
@@ -95,7 +121,7 @@ def evaluate(method, dm, n_trained: int, variant: str | None = None
     mask = method.class_mask.to(method.device)
     allowed = mask[:n_trained].any(0) if n_trained else torch.ones_like(mask[0])
     aware, agnostic = [], []
-    for u, loader in enumerate(dm.eval_dataloaders("test")):
+    for u, loader in enumerate(dm.eval_dataloaders(split)):
         correct_aware = torch.zeros((), device=method.device)
         correct_agnostic = torch.zeros((), device=method.device)
         for x, y, _ in loader:
@@ -117,20 +143,80 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _hydra_info(cfg: DictConfig) -> tuple[str, str | None]:
-    """A readable run name and, in a multirun, the sweep's name as the W&B group."""
+@dataclass
+class JobInfo:
+    """Who this job is: its readable name, W&B group/job type/tags, and Hydra's view of it."""
+
+    name: str
+    group: str | None = None
+    job_type: str = "train"
+    tags: list[str] = field(default_factory=list)
+    multirun: bool = False
+    hydra: dict = field(default_factory=dict)  # choices, overrides, job_num, sweep_dir
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def job_info(cfg: DictConfig) -> JobInfo:
+    """Name the job from its overrides; in a multirun, its sweep is the W&B group.
+
+    name: `<method>-<dataset>-seed<seed>[-<other overrides>]` (the keys Hydra's output folder
+    names also leave out are left out here); group: `<task_name>-<sweep folder>`.
+    """
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
-        choices = hc.runtime.choices
-        name = f"{choices.get('method')}-{choices.get('dataset')}-seed{cfg.seed}"
-        if hc.mode == RunMode.MULTIRUN:
-            return f"{name}-job{hc.job.num}", Path(hc.sweep.dir).name
-        return name, None
     except ValueError:  # composed without Hydra's runtime (tests, notebooks)
-        return f"run-seed{cfg.seed}", None
+        return JobInfo(name=f"run-seed{cfg.seed}")
+    choices = {k: v for k, v in hc.runtime.choices.items()
+               if k != "hydra" and not str(k).startswith("hydra/")}
+    method, dataset = choices.get("method"), choices.get("dataset")
+    search = choices.get("hparams_search")
+    overrides = [str(o) for o in hc.overrides.task]
+    excluded = {"method", "dataset", "seed", "hparams_search"}
+    excluded |= set(hc.job.config.override_dirname.exclude_keys or [])
+    extra = [o for o in overrides if _override_key(o) not in excluded]
+    name = f"{method}-{dataset}-seed{cfg.seed}" + (f"-{','.join(extra)}" if extra else "")
+    multirun = hc.mode == RunMode.MULTIRUN
+    info = {"choices": choices, "overrides": overrides,
+            "mode": "MULTIRUN" if multirun else "RUN"}
+    group = None
+    if multirun:
+        info.update(job_num=int(hc.job.num), sweep_dir=str(hc.sweep.dir))
+        group = f"{cfg.get('task_name', 'train')}-{Path(str(hc.sweep.dir)).name}"
+    return JobInfo(
+        name=name[:128], group=group,
+        job_type="hparams_search" if search else ("sweep" if multirun else "train"),
+        tags=[str(t) for t in (method, dataset, search) if t], multirun=multirun, hydra=info,
+    )
+
+
+def resolved_config(cfg: DictConfig, job: JobInfo) -> dict:
+    """The resolved config (as results.json and W&B keep it) plus Hydra's choices/overrides
+    under `hydra`, so a report can tell runs apart without the .hydra folder."""
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:  # an unresolvable value is itself why a job failed
+        config = OmegaConf.to_container(cfg, resolve=False)
+    if job.hydra:
+        config["hydra"] = job.hydra
+    return config
+
+
+def check_optimized_metric(metric: str, has_validation: bool) -> None:
+    """`RA`/`test/RA` (test split) or `val/RA` (validation split), any key of METRIC_KEYS."""
+    allowed = [*METRIC_KEYS, *(f"test/{k}" for k in METRIC_KEYS),
+               *(f"val/{k}" for k in METRIC_KEYS)]
+    if metric not in allowed:
+        raise ConfigError(f"optimized_metric={metric} is not a metric; allowed: "
+                          f"{', '.join(allowed)}")
+    if metric.startswith("val/") and not has_validation:
+        raise ConfigError(f"optimized_metric={metric} needs a validation split; set "
+                          "dataset.validation to a fraction, e.g. ++dataset.validation=0.1")
 
 
 # How a run proceeds is decided by its datamodule's `protocol`, never by the method's name:
@@ -142,6 +228,52 @@ PROTOCOLS = {
 
 
 def main(cfg: DictConfig) -> float:
+    """Run one job. In a multirun a failing job is recorded as failed and returns NaN, so the
+    other jobs (and the sweeper) go on; a single run raises as usual."""
+    job = job_info(cfg)
+    try:
+        return _main(cfg)
+    except Exception as err:
+        if not job.multirun:
+            raise
+        return _record_failed_job(cfg, job, err)
+
+
+def _user_error(err: BaseException) -> MetaclError | None:
+    while err is not None:
+        if isinstance(err, MetaclError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _record_failed_job(cfg: DictConfig, job: JobInfo, err: Exception) -> float:
+    status = f"failed: {type(err).__name__}: {err}"
+    out_dir = Path(str(cfg.paths.output_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        results = {
+            "config": resolved_config(cfg, job), "accuracy_matrix": [],
+            "accuracy_matrix_agnostic": None, "accuracy_before": None, "metrics": None,
+            "timing": {"train_seconds": 0.0, "total_seconds": 0.0}, "status": status,
+        }
+    if not str(results.get("status", "")).startswith("failed"):
+        results["status"] = status
+    _atomic_write(path, lambda p: p.write_text(json.dumps(results, indent=2)))
+    user_error = _user_error(err)
+    if user_error is not None:
+        print(f"error: {user_error}", file=sys.stderr)
+    elif not isinstance(err, DivergedError):  # a bug: keep its traceback in the job's log
+        log.error("job %s failed", job.name, exc_info=err)
+    print(f"job {job.hydra.get('job_num', '')} ({job.name}) {results['status']}\n"
+          f"recorded in {path}; the other jobs go on", file=sys.stderr)
+    return float("nan")
+
+
+def _main(cfg: DictConfig) -> float:
     started = time.perf_counter()
     for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -155,6 +287,12 @@ def main(cfg: DictConfig) -> float:
     if protocol not in PROTOCOLS:
         raise ConfigError(f"dataset protocol '{protocol}' is unknown; allowed: "
                           f"{', '.join(PROTOCOLS)}")
+    method_protocol = getattr(get_class(cfg.method._target_), "protocol", "continual")
+    if method_protocol != protocol:
+        raise ConfigError(
+            f"method={cfg.method._target_.rsplit('.', 1)[-1]} is a {method_protocol} method and "
+            f"cannot run on dataset={cfg.dataset._target_.rsplit('.', 1)[-1]} ({protocol}); "
+            f"pick a {method_protocol} dataset")
     module_name, function_name = PROTOCOLS[protocol].split(":")
     runner = getattr(importlib.import_module(module_name), function_name)
     return runner(cfg, dm, device, out_dir, started)
@@ -164,16 +302,21 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
                   started: float) -> float:
     """The continual loop (module docstring); returns cfg.optimized_metric."""
     info = dm.task_info
+    has_val = bool(getattr(dm, "has_validation", False))
+    metric = cfg.get("optimized_metric", "RA")
+    check_optimized_metric(metric, has_val)  # before training, not after hours of it
     backbone = instantiate(cfg.model, input_shape=info.input_shape, n_outputs=info.n_outputs)
     # _partial_: the backbone and TaskInfo are objects, not config values to merge.
     method = instantiate(cfg.method, _partial_=True)(backbone=backbone, task_info=info)
     method = method.to(device)
     dm.batch_size = method.batch_size
 
-    config = OmegaConf.to_container(cfg, resolve=True)
+    job = job_info(cfg)
+    run_name = job.name
+    config = resolved_config(cfg, job)
     run_logger = instantiate(cfg.logger)
-    run_name, group = _hydra_info(cfg)
-    run_logger.start(config, str(out_dir), run_name, group)
+    run_logger.start(config, str(out_dir), run_name, job.group, tags=job.tags,
+                     job_type=job.job_type)
 
     results = {
         "config": config,
@@ -184,20 +327,35 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
         "timing": {"train_seconds": 0.0, "total_seconds": 0.0},
         "status": "running",
     }
+    if has_val:  # task-aware accuracies on the held-out validation split (hparam search)
+        results["validation"] = {"accuracy_matrix": [], "accuracy_before": None,
+                                 "metrics": None}
+    val = results.get("validation")
+    results_path = out_dir / "results.json"
 
     def save_results():
         results["timing"]["total_seconds"] = time.perf_counter() - started
-        _atomic_write(out_dir / "results.json",
-                      lambda p: p.write_text(json.dumps(results, indent=2)))
+        _atomic_write(results_path, lambda p: p.write_text(json.dumps(results, indent=2)))
+
+    def summary() -> dict:
+        values = dict(results["metrics"] or {})
+        if val and val["metrics"]:
+            values.update({f"val/{k}": v for k, v in val["metrics"].items()})
+        values.update(results["timing"])
+        values["tasks_done"] = len(results["accuracy_matrix"])
+        return values
 
     progress = Progress(TextColumn("[bold]task {task.fields[task]}"), BarColumn(),
                         MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                         TimeElapsedColumn(), console=console, transient=True)
     step = 0
     variant_rows = {variant: [] for variant in method.eval_variants}
+    png = out_dir / "accuracy_matrix.png"
     try:
         before, _ = evaluate(method, dm, 0)
         results["accuracy_before"] = before
+        if val:
+            val["accuracy_before"] = evaluate(method, dm, 0, split="val")[0]
         with progress:
             for t in range(info.n_tasks):
                 method.before_task(t, dm)
@@ -217,7 +375,10 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
                     step = callback.step
                     results["timing"]["train_seconds"] += callback.seconds
                     progress.remove_task(bar)
+                    if method.last_loss is not None:
+                        _check_finite_loss(float(method.last_loss), t, step)
                 method.after_task(t, dm)
+                _check_finite_weights(method, t)
 
                 aware, agnostic = evaluate(method, dm, t + 1)
                 for variant in method.eval_variants:
@@ -227,10 +388,18 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
                     results["accuracy_matrix_agnostic"].append(agnostic)
                 done = results["accuracy_matrix"]
                 results["metrics"] = partial_metrics(done, before)
-                row_metrics = {f"acc/task_{u}": a for u, a in enumerate(aware[: t + 1])}
-                row_metrics.update({"task": t, "acc/mean_seen": sum(aware[: t + 1]) / (t + 1)})
-                run_logger.log_metrics(row_metrics, step)
+                so_far = {f"test/{k}": v for k, v in results["metrics"].items()}
+                if val:
+                    val["accuracy_matrix"].append(evaluate(method, dm, t + 1, split="val")[0])
+                    val["metrics"] = partial_metrics(val["accuracy_matrix"],
+                                                     val["accuracy_before"])
+                    so_far.update({f"val/{k}": v for k, v in val["metrics"].items()})
                 save_results()
+                heatmap = None
+                if run_logger.wants_images:  # the matrix so far, as an image per task
+                    save_matrix_heatmap(done, png, title=f"{run_name}: after task {t}")
+                    heatmap = str(png)
+                run_logger.log_task(t, aware, so_far, step, heatmap)
                 if cfg.get("save_checkpoints", True):
                     ckpt_dir = out_dir / "checkpoints"
                     ckpt_dir.mkdir(exist_ok=True)
@@ -240,31 +409,39 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
 
         R = results["accuracy_matrix"]
         results["metrics"] = compute_metrics(R, before)
+        if val:
+            val["metrics"] = compute_metrics(val["accuracy_matrix"], val["accuracy_before"])
         results["status"] = "completed"
         save_matrix_csv(R, out_dir / "accuracy_matrix.csv")
-        save_matrix_heatmap(R, out_dir / "accuracy_matrix.png",
-                            title=f"{run_name}: accuracy after each task")
+        save_matrix_heatmap(R, png, title=f"{run_name}: accuracy after each task")
         if info.multi_head:
             save_matrix_csv(results["accuracy_matrix_agnostic"],
                             out_dir / "accuracy_matrix_agnostic.csv")
         for variant, rows in variant_rows.items():
             save_matrix_csv(rows, out_dir / f"accuracy_matrix_{variant}.csv")
         save_results()
-        run_logger.log_matrix(R, str(out_dir / "accuracy_matrix.png"), step)
-        run_logger.finish(results["metrics"], "completed")
+        run_logger.log_matrix(R, str(png), step)
+        if info.multi_head:
+            run_logger.log_matrix(results["accuracy_matrix_agnostic"], None, step,
+                                  name="accuracy_matrix_agnostic")
+        run_logger.finish(summary(), "completed", files=[str(results_path)])
     except BaseException as err:
         results["status"] = f"failed: {type(err).__name__}: {err}"
         save_results()
-        run_logger.finish(results["metrics"] or {}, "failed")
+        try:
+            run_logger.finish(summary(), "failed", files=[str(results_path)])
+        except Exception as log_err:  # noqa: BLE001  (never hide the real error behind it)
+            log.warning("the logger could not finish: %s", log_err)
         raise
 
     m, timing = results["metrics"], results["timing"]
+    validation = f"  val/RA {val['metrics']['RA']:.4f}" if val else ""
     console.print(
-        f"[bold]{run_name}[/bold]: RA {m['RA']:.4f}  BTI {m['BTI']:+.4f}  "
+        f"[bold]{run_name}[/bold]: RA {m['RA']:.4f}  BTI {m['BTI']:+.4f}{validation}  "
         f"train {timing['train_seconds']:.1f} s  total {timing['total_seconds']:.1f} s\n"
-        f"results: {out_dir / 'results.json'}"
+        f"results: {results_path}"
     )
-    metric = cfg.get("optimized_metric", "RA")
-    if metric not in m:
-        raise ConfigError(f"optimized_metric={metric} is not a metric; allowed: {', '.join(m)}")
-    return m[metric]
+    values = {**m, **{f"test/{k}": v for k, v in m.items()}}
+    if val:
+        values.update({f"val/{k}": v for k, v in val["metrics"].items()})
+    return values[metric]

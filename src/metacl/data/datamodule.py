@@ -2,6 +2,14 @@
 
 Batches are index draws into in-memory tensors (no worker processes, no per-sample PIL);
 scaling, normalisation and augmentation are batched tensor ops on the device.
+
+Validation: `validation` (a fraction in [0, 1)) holds out that share of every class's training
+samples of every task as the task's validation split (`eval_dataloaders("val")`), which
+hyperparameter searches optimise instead of the test split. Class splits do this in the scenario
+(La-MAML's 10%); for the other scenarios (rotated/permuted MNIST, the MER files) the datamodule
+does it after building the tasks, with its own seeded generator, before any `limit_*` subset.
+The held-out samples are removed from the task's training data. `limit_test_per_task` caps the
+validation split as well (both are evaluation splits).
 """
 
 from __future__ import annotations
@@ -19,6 +27,21 @@ from metacl.errors import ConfigError
 from metacl.task_info import TaskInfo
 
 DOMAIN_SCENARIOS = ("mnist_rotations", "mnist_permutations", "mnist_many_permutations")
+# Seeds the datamodule's own validation hold-out (a stream apart from the debug subsets').
+_VALIDATION_STREAM = 7
+
+
+def hold_out_validation(task: Task, fraction: float, gen: torch.Generator) -> None:
+    """Move round(fraction * n_c) random training samples of every class c to the validation
+    split of `task` (in place); the rest stays for training."""
+    y = task.y_train
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        n_val = round(fraction * len(idx))
+        mask[idx[torch.randperm(len(idx), generator=gen)[:n_val]]] = True
+    task.x_val, task.y_val = task.x_train[mask], y[mask]
+    task.x_train, task.y_train = task.x_train[~mask], y[~mask]
 
 
 class TensorBatches:
@@ -99,6 +122,10 @@ class ContinualDataModule(pl.LightningDataModule):
             "class_order": None if scenario in DOMAIN_SCENARIOS else class_order,
             "validation": validation or None,
         }
+        if isinstance(validation, bool) or not 0.0 <= float(validation or 0.0) < 1.0:
+            raise ConfigError(f"dataset.validation={validation!r} is invalid; it must be a "
+                              "fraction in [0, 1)")
+        self.validation = float(validation or 0.0)
         self.augment = augment
         self.mean = None if mean is None else torch.tensor(list(mean)).view(1, -1, 1, 1)
         self.std = None if std is None else torch.tensor(list(std)).view(1, -1, 1, 1)
@@ -122,6 +149,11 @@ class ContinualDataModule(pl.LightningDataModule):
         else:
             split = load_source(self.source, **self._source_kwargs())
             tasks = build_scenario(self.scenario, split, **self._scenario_kwargs())
+        if self.validation > 0 and any(task.x_val is None for task in tasks):
+            # Scenarios without their own validation split (MNIST rotations/permutations, MER).
+            gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + _VALIDATION_STREAM)
+            for task in tasks:
+                hold_out_validation(task, self.validation, gen)
         limit_tasks, limit_train, limit_test = self.limits
         if limit_tasks:
             tasks = tasks[:limit_tasks]
@@ -133,6 +165,9 @@ class ContinualDataModule(pl.LightningDataModule):
                 task.x_train, task.y_train = task.x_train[keep], task.y_train[keep]
                 keep = torch.randperm(len(task.y_test), generator=gen)[:limit_test]
                 task.x_test, task.y_test = task.x_test[keep], task.y_test[keep]
+                if task.y_val is not None and limit_test:
+                    keep = torch.randperm(len(task.y_val), generator=gen)[:limit_test]
+                    task.x_val, task.y_val = task.x_val[keep], task.y_val[keep]
         self.tasks = tasks
         return self
 
@@ -153,6 +188,8 @@ class ContinualDataModule(pl.LightningDataModule):
         for key, value in self.scenario_kwargs.items():
             if value is None:
                 continue
+            if key == "validation" and key not in accepted:
+                continue  # held out by the datamodule itself (build)
             if key not in accepted:
                 raise ConfigError(
                     f"dataset.{key}={value} is not used by scenario '{self.scenario}'; "
@@ -171,6 +208,11 @@ class ContinualDataModule(pl.LightningDataModule):
                 if value is not None:
                     setattr(task, name, value.to(self.device))
         return self
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether every task has a validation split (`dataset.validation > 0`)."""
+        return all(task.y_val is not None for task in self.build().tasks)
 
     @property
     def n_tasks(self) -> int:

@@ -20,6 +20,8 @@ MASK_VALUE = -1e10  # as La-MAML: large negative logits for classes outside the 
 
 
 class ContinualMethod(pl.LightningModule):
+    protocol = "continual"  # runs on ContinualDataModule streams (metacl.run.PROTOCOLS)
+
     def __init__(
         self,
         backbone: nn.Module,
