@@ -1,0 +1,94 @@
+"""Averaged GEM (Chaudhry et al., 2019).
+
+Memory: the same per-task episodic memory as GEM (`n_memories` slots per task, a ring buffer
+holding each task's most recent samples, written once per incoming batch before its updates).
+
+For each incoming batch, `glances` times:
+  1. the reference gradient g_ref of the loss on `ref_batch_size` samples drawn uniformly from
+     the memories of all tasks trained before the current one (each sample's logits masked to
+     its own task's classes on class splits);
+  2. the gradient g of the loss on the incoming batch;
+  3. if <g, g_ref> < 0:  g <- g - (<g, g_ref> / <g_ref, g_ref>) g_ref   (otherwise g is kept);
+  4. one SGD step with g.
+
+With `grad_clip_norm` set, g and g_ref are each clipped to that norm before the projection (as
+La-MAML clips the gradients it compares); the projected gradient is used as is.
+
+Differences from La-MAML's `agem.py` (deliberate):
+  * task 0's memory is a reference like every other past task's. La-MAML's copy starts its
+    "current task" at 0 and only registers a task when the task id changes, so task 0 never
+    enters its list of observed tasks: nothing is projected while task 1 trains, and task 0's
+    memory is never protected afterwards.
+  * g_ref is the gradient on a random memory batch, as in the A-GEM paper (whose code draws
+    256 samples), instead of the mean of per-task memory gradients. With 10 memories per task
+    and up to 25 past tasks the batch is the whole memory, so the two differ only in how the
+    gradients are clipped.
+  * La-MAML's script passes --memory_strength to A-GEM, but its projection never reads it;
+    there is no such hyperparameter here.
+
+The projection is written with tensor ops (no branch on the host), so a step never waits for
+the device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from metacl.memory import RingBuffer
+from metacl.methods.base import ContinualMethod
+from metacl.methods.gem import clip_rows, flat_grad, set_flat_grad
+
+
+def agem_project(g: Tensor, g_ref: Tensor) -> Tensor:
+    """g if <g, g_ref> >= 0, else g minus its component along g_ref."""
+    dot = g @ g_ref
+    coef = dot.clamp(max=0.0) / (g_ref @ g_ref).clamp_min(1e-12)
+    return g - coef * g_ref
+
+
+class AGEM(ContinualMethod):
+    def __init__(self, backbone, task_info, lr: float = 0.03, n_memories: int = 10,
+                 ref_batch_size: int = 256, grad_clip_norm: float | None = 2.0, **kwargs):
+        super().__init__(backbone, task_info, **kwargs)
+        self.lr = lr
+        self.n_memories = n_memories
+        self.ref_batch_size = ref_batch_size
+        self.grad_clip_norm = grad_clip_norm
+        self.memory = RingBuffer(task_info.n_tasks, n_memories, task_info.input_shape)
+        self.optimizer = torch.optim.SGD(self.backbone.parameters(), lr=lr)
+        self._task = 0  # host copy of task_counter (reading the buffer would sync the device)
+
+    def configure_optimizers(self):
+        return self.optimizer
+
+    def before_task(self, t, datamodule):
+        super().before_task(t, datamodule)
+        self._task = t
+
+    def reference_grad(self) -> Tensor | None:
+        """Clipped gradient on a random batch of the past tasks' memories (None if empty)."""
+        if not self.memory.stored_tasks(below=self._task):
+            return None
+        mx, my, mt = self.memory.sample(self.ref_batch_size, below=self._task)
+        params = list(self.backbone.parameters())
+        grads = torch.autograd.grad(self.loss(self.backbone(mx), my, mt), params)
+        return clip_rows(torch.cat([g.reshape(-1) for g in grads]), self.grad_clip_norm)
+
+    def observe(self, x, y, t):
+        opt = self.optimizers()
+        params = list(self.backbone.parameters())
+        # Tasks are streamed one at a time, so the whole batch belongs to the current task.
+        self.memory.add(x, y, self._task)
+        for _ in range(self.glances):
+            g_ref = self.reference_grad()
+            opt.zero_grad()
+            loss = self.loss(self.backbone(x), y, t)
+            self.manual_backward(loss)
+            if g_ref is not None:
+                g = clip_rows(flat_grad(params), self.grad_clip_norm)
+                set_flat_grad(params, agem_project(g, g_ref))
+                opt.step()
+            else:
+                self.clip_and_step(opt, self.grad_clip_norm)
+        return loss.detach()
