@@ -2,7 +2,7 @@
 
 import pytest
 import pytorch_lightning as pl
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 
 from metacl.models.backbones import MLP
 from metacl.task_info import TaskInfo
@@ -29,9 +29,30 @@ def _task_info(cfg):
                     "domain")
 
 
+def _episode_info(cfg):
+    from metacl.data.episodic import EpisodeInfo
+
+    shape = (1, 28, 28) if cfg.dataset.get("source") != "miniimagenet" else (3, 84, 84)
+    return EpisodeInfo(task="classification", input_shape=shape, n_outputs=5, ways=5, shots=1,
+                       query=15, train_ways=5, train_shots=1, train_query=15,
+                       n_train_classes=20)
+
+
 def _instantiate_all(cfg):
     dm = instantiate(cfg.dataset)  # building (loading data) is tested elsewhere
+    method_class = get_class(cfg.method._target_)
+    if getattr(dm, "protocol", "continual") != "continual":
+        if getattr(method_class, "protocol", "continual") != dm.protocol:
+            return None  # refused with one line by run.main (tests/test_run.py)
+        info = _episode_info(cfg)
+        backbone = instantiate(cfg.model, input_shape=info.input_shape, n_outputs=info.n_outputs)
+        return instantiate(cfg.method, _partial_=True)(backbone=backbone, episode_info=info)
     assert dm.batch_size == cfg.method.batch_size
+    if getattr(method_class, "protocol", "continual") != "continual":
+        # a few-shot method composed with the default (continual) dataset: build it anyway
+        info = _episode_info(cfg)
+        backbone = instantiate(cfg.model, input_shape=info.input_shape, n_outputs=info.n_outputs)
+        return instantiate(cfg.method, _partial_=True)(backbone=backbone, episode_info=info)
     info = _task_info(cfg)
     backbone = instantiate(cfg.model, input_shape=info.input_shape, n_outputs=info.n_outputs)
     method = instantiate(cfg.method, _partial_=True)(backbone=backbone, task_info=info)
@@ -55,6 +76,7 @@ def test_every_option_of_every_group_instantiates(compose, group):
 
 def test_every_experiment_composes_and_instantiates(compose):
     experiments = options("experiment")
+    assert len(experiments) > 40  # La-MAML, baselines, LibContinual, MAML paper cells
     for experiment in experiments:
         cfg = compose([f"experiment={experiment}", "paths.output_dir=/tmp/unused"])
         _instantiate_all(cfg)
@@ -62,6 +84,9 @@ def test_every_experiment_composes_and_instantiates(compose):
 
 def test_defaults_are_the_documented_default_experiment(compose):
     cfg = compose(["paths.output_dir=/tmp/unused"])
+    assert cfg.method._target_ == "metacl.methods.lamaml.LaMAML"
+    assert cfg.method.glances == 5 and cfg.method.opt_lr == 0.3 and cfg.method.alpha_init == 0.15
+    assert cfg.method.memories == 200 and cfg.method.replay_batch_size == 10
     assert cfg.dataset.scenario == "mnist_rotations" and cfg.dataset.source == "bundled"
     assert cfg.dataset.n_tasks == 20 and cfg.dataset.samples_per_task == 1000
     assert cfg.method.n_epochs == 1 and cfg.trainer.max_epochs == 1

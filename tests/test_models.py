@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
+from metacl.errors import ConfigError
 from metacl.models import BACKBONES, MLP, Backbone, PcCNN, ResNet18, build_backbone
+from metacl.models.conv4 import Conv4
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)
@@ -114,7 +116,7 @@ def test_resnet18_layout():
 
 
 def test_registry_and_builder():
-    assert BACKBONES == {"mlp": MLP, "pc_cnn": PcCNN, "resnet18": ResNet18}
+    assert BACKBONES == {"mlp": MLP, "pc_cnn": PcCNN, "resnet18": ResNet18, "conv4": Conv4}
     model = build_backbone("pc_cnn", CIFAR, 7, channels=4)
     assert isinstance(model, Backbone) and model.channels == 4
     with pytest.raises(KeyError):
@@ -219,3 +221,15 @@ def test_second_order_gradients(make):
     # The Hessian-vector term makes second-order meta-gradients differ from first-order ones.
     diff = sum((a - b).abs().sum() for a, b in zip(second, first))
     assert diff > 1e-6
+
+
+def test_mlp_init_options():
+    torch.manual_seed(0)
+    kaiming = MLP(MNIST, 10, init="kaiming_normal")
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in list(kaiming.parameters())[1::2])
+    # kaiming-normal (fan_in, gain sqrt(2)): std of the first layer ~ sqrt(2 / 784)
+    assert abs(kaiming.params[0].std().item() - (2 / 784) ** 0.5) < 0.005
+    default = MLP(MNIST, 10)
+    assert not torch.equal(default.params[1], torch.zeros_like(default.params[1]))
+    with pytest.raises(ConfigError, match="model.init=xavier"):
+        MLP(MNIST, 10, init="xavier")

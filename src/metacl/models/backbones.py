@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metacl.errors import ConfigError
+
 __all__ = ["BACKBONES", "MLP", "Backbone", "PcCNN", "ResNet18", "build_backbone"]
 
 
@@ -120,8 +122,8 @@ def _conv_out(size: int, kernel: int = 3, stride: int = 1, padding: int = 1) -> 
 class MLP(Backbone):
     """Fully connected ReLU network; default 784-100-100-10 is La-MAML's MNIST learner.
 
-    Weights use PyTorch's default ``nn.Linear`` initialisation (kaiming-uniform, a=sqrt(5),
-    uniform bias): the layers are built as ``nn.Linear`` and only their Parameters are kept.
+    init: ``kaiming_normal`` (La-MAML's learner: kaiming-normal weights, zero biases) or
+    ``torch`` (PyTorch's default ``nn.Linear``: kaiming-uniform a=sqrt(5), uniform bias).
     """
 
     def __init__(
@@ -129,14 +131,21 @@ class MLP(Backbone):
         input_shape: tuple[int, ...],
         n_outputs: int,
         hidden: Sequence[int] = (100, 100),
+        init: str = "torch",
         **hparams,
     ) -> None:
         super().__init__(input_shape, n_outputs, **hparams)
+        if init not in ("torch", "kaiming_normal"):
+            raise ConfigError(f"model.init={init} is not supported; allowed: torch, "
+                              "kaiming_normal")
         self.hidden = tuple(int(h) for h in hidden)
         sizes = [math.prod(self.input_shape), *self.hidden, self.n_outputs]
         self.feature_dim = sizes[-2]
         for fan_in, fan_out in itertools.pairwise(sizes):
             layer = nn.Linear(fan_in, fan_out)
+            if init == "kaiming_normal":
+                nn.init.kaiming_normal_(layer.weight)
+                nn.init.zeros_(layer.bias)
             self._add(layer.weight, layer.bias)
 
     def _features(self, x: Tensor, params: Iterator[Tensor]) -> Tensor:
@@ -310,10 +319,13 @@ class ResNet18(Backbone):
         return out.reshape(out.shape[0], -1)
 
 
+from metacl.models.conv4 import Conv4
+
 BACKBONES: dict[str, type[Backbone]] = {
     "mlp": MLP,
     "pc_cnn": PcCNN,
     "resnet18": ResNet18,
+    "conv4": Conv4,
 }
 
 
