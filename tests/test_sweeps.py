@@ -60,7 +60,7 @@ def test_search_configs_maximise_a_validation_metric_with_a_seeded_sampler(name)
     raw = yaml.safe_load(path.read_text())
     method = next(d["override /method"] for d in raw["defaults"] if "override /method" in d)
     if not (CONF / "method" / f"{method}.yaml").exists():
-        pytest.skip(f"conf/method/{method}.yaml is not there yet")
+        raise AssertionError(f"conf/method/{method}.yaml is missing")
     cfg = _hydra_cfg([f"hparams_search={name}", "debug=fast"])
     assert cfg.optimized_metric.startswith("val/")  # never the test split
     assert cfg.dataset.validation > 0
