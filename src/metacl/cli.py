@@ -9,7 +9,7 @@ from metacl.errors import MetaclError
 EXIT_USER_ERROR = 2
 
 
-def _user_error(err: BaseException) -> MetaclError | None:
+def user_error(err: BaseException) -> MetaclError | None:
     """Our error, possibly wrapped by Hydra's instantiate (which re-raises with a cause)."""
     while err is not None:
         if isinstance(err, MetaclError):
@@ -24,8 +24,8 @@ def run_with_clean_errors(fn, *args):
     try:
         return fn(*args)
     except Exception as err:
-        user_error = _user_error(err)
-        if user_error is None:
+        found = user_error(err)
+        if found is None:
             raise
-        print(f"error: {user_error}", file=sys.stderr)
+        print(f"error: {found}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -36,7 +36,8 @@ from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from metacl.errors import ConfigError, MetaclError
+from metacl.cli import user_error as find_user_error
+from metacl.errors import ConfigError
 from metacl.metrics import METRIC_KEYS, compute_metrics, partial_metrics
 from metacl.metrics.plots import save_matrix_csv, save_matrix_heatmap
 
@@ -239,14 +240,6 @@ def main(cfg: DictConfig) -> float:
         return _record_failed_job(cfg, job, err)
 
 
-def _user_error(err: BaseException) -> MetaclError | None:
-    while err is not None:
-        if isinstance(err, MetaclError):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
 def _record_failed_job(cfg: DictConfig, job: JobInfo, err: Exception) -> float:
     status = f"failed: {type(err).__name__}: {err}"
     out_dir = Path(str(cfg.paths.output_dir))
@@ -263,7 +256,7 @@ def _record_failed_job(cfg: DictConfig, job: JobInfo, err: Exception) -> float:
     if not str(results.get("status", "")).startswith("failed"):
         results["status"] = status
     _atomic_write(path, lambda p: p.write_text(json.dumps(results, indent=2)))
-    user_error = _user_error(err)
+    user_error = find_user_error(err)
     if user_error is not None:
         print(f"error: {user_error}", file=sys.stderr)
     elif not isinstance(err, DivergedError):  # a bug: keep its traceback in the job's log
