@@ -144,3 +144,17 @@ def test_class_split_run_reports_task_aware_and_agnostic(compose, tmp_path, meth
         assert all(a >= g for a, g in zip(row_aware, row_agnostic))
     assert results["metrics"]["LA"] > 0.6  # 2-way tasks on separable patterns
     assert (out / "accuracy_matrix_agnostic.csv").exists()
+
+
+def test_few_shot_method_on_a_continual_dataset_is_refused_before_loading(compose, tmp_path,
+                                                                          monkeypatch):
+    from metacl.data.datamodule import ContinualDataModule
+    from metacl.errors import ConfigError
+
+    def no_loading(self):
+        raise AssertionError("data must not be loaded for a refused combination")
+
+    monkeypatch.setattr(ContinualDataModule, "build", no_loading)
+    cfg = compose(["debug=fast", f"paths.output_dir={tmp_path}", "method=maml"])
+    with pytest.raises(ConfigError, match="MAML runs on episodic datasets"):
+        run_main(cfg)

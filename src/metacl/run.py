@@ -275,17 +275,18 @@ def _main(cfg: DictConfig) -> float:
     pl.seed_everything(cfg.seed, verbose=False)
 
     device = resolve_device(cfg.trainer.accelerator)
-    dm = instantiate(cfg.dataset).build().to(device)
-    protocol = getattr(dm, "protocol", "continual")
+    # Checked on the classes, before any data is loaded.
+    protocol = getattr(get_class(cfg.dataset._target_), "protocol", "continual")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"dataset protocol '{protocol}' is unknown; allowed: "
                           f"{', '.join(PROTOCOLS)}")
     method_protocol = getattr(get_class(cfg.method._target_), "protocol", "continual")
     if method_protocol != protocol:
         raise ConfigError(
-            f"method={cfg.method._target_.rsplit('.', 1)[-1]} is a {method_protocol} method and "
-            f"cannot run on dataset={cfg.dataset._target_.rsplit('.', 1)[-1]} ({protocol}); "
-            f"pick a {method_protocol} dataset")
+            f"method {cfg.method._target_.rsplit('.', 1)[-1]} runs on {method_protocol} "
+            f"datasets, not on {cfg.dataset._target_.rsplit('.', 1)[-1]} ({protocol}); "
+            f"pick a {method_protocol} dataset (docs/methods.md)")
+    dm = instantiate(cfg.dataset).build().to(device)
     module_name, function_name = PROTOCOLS[protocol].split(":")
     runner = getattr(importlib.import_module(module_name), function_name)
     return runner(cfg, dm, device, out_dir, started)

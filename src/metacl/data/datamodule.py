@@ -81,6 +81,8 @@ def random_crop_flip(x: Tensor, padding: int = 4) -> Tensor:
 
 
 class ContinualDataModule(pl.LightningDataModule):
+    protocol = "continual"  # a stream of tasks (metacl.run.PROTOCOLS)
+
     def __init__(
         self,
         source: str,
