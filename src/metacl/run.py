@@ -240,6 +240,29 @@ def main(cfg: DictConfig) -> float:
         return _record_failed_job(cfg, job, err)
 
 
+def start_run(cfg: DictConfig, out_dir: Path):
+    """The job's identity, its resolved config and a started run logger (every protocol)."""
+    job = job_info(cfg)
+    config = resolved_config(cfg, job)
+    run_logger = instantiate(cfg.logger)
+    run_logger.start(config, str(out_dir), job.name, job.group, tags=job.tags,
+                     job_type=job.job_type)
+    return job, config, run_logger
+
+
+def new_results(config: dict, matrix, agnostic, status: str = "running") -> dict:
+    """The results.json skeleton shared by every protocol (same top-level keys)."""
+    return {
+        "config": config,
+        "accuracy_matrix": matrix,
+        "accuracy_matrix_agnostic": agnostic,
+        "accuracy_before": None,
+        "metrics": None,
+        "timing": {"train_seconds": 0.0, "total_seconds": 0.0},
+        "status": status,
+    }
+
+
 def _record_failed_job(cfg: DictConfig, job: JobInfo, err: Exception) -> float:
     status = f"failed: {type(err).__name__}: {err}"
     out_dir = Path(str(cfg.paths.output_dir))
@@ -248,11 +271,8 @@ def _record_failed_job(cfg: DictConfig, job: JobInfo, err: Exception) -> float:
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
-        results = {
-            "config": resolved_config(cfg, job), "accuracy_matrix": [],
-            "accuracy_matrix_agnostic": None, "accuracy_before": None, "metrics": None,
-            "timing": {"train_seconds": 0.0, "total_seconds": 0.0}, "status": status,
-        }
+        results = new_results(resolved_config(cfg, job), matrix=[], agnostic=None,
+                              status=status)
     if not str(results.get("status", "")).startswith("failed"):
         results["status"] = status
     _atomic_write(path, lambda p: p.write_text(json.dumps(results, indent=2)))
@@ -305,22 +325,9 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
     method = method.to(device)
     dm.batch_size = method.batch_size
 
-    job = job_info(cfg)
+    job, config, run_logger = start_run(cfg, out_dir)
     run_name = job.name
-    config = resolved_config(cfg, job)
-    run_logger = instantiate(cfg.logger)
-    run_logger.start(config, str(out_dir), run_name, job.group, tags=job.tags,
-                     job_type=job.job_type)
-
-    results = {
-        "config": config,
-        "accuracy_matrix": [],
-        "accuracy_matrix_agnostic": [] if info.multi_head else None,
-        "accuracy_before": None,
-        "metrics": None,
-        "timing": {"train_seconds": 0.0, "total_seconds": 0.0},
-        "status": "running",
-    }
+    results = new_results(config, matrix=[], agnostic=[] if info.multi_head else None)
     if has_val:  # task-aware accuracies on the held-out validation split (hparam search)
         results["validation"] = {"accuracy_matrix": [], "accuracy_before": None,
                                  "metrics": None}

@@ -30,8 +30,8 @@ from metacl.run import (
     _atomic_write,
     _synchronize,
     console,
-    job_info,
-    resolved_config,
+    new_results,
+    start_run,
 )
 
 log = logging.getLogger(__name__)
@@ -124,21 +124,9 @@ def run_episodic(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
     method = method.to(device)
     dm.meta_batch_size = method.meta_batch_size
 
-    job = job_info(cfg)
+    job, config, run_logger = start_run(cfg, out_dir)
     run_name = job.name
-    config = resolved_config(cfg, job)
-    run_logger = instantiate(cfg.logger)
-    run_logger.start(config, str(out_dir), run_name, job.group, tags=job.tags,
-                     job_type=job.job_type)
-    results = {
-        "config": config,
-        "accuracy_matrix": None,  # few-shot runs have no task stream
-        "accuracy_matrix_agnostic": None,
-        "accuracy_before": None,
-        "metrics": None,
-        "timing": {"train_seconds": 0.0, "total_seconds": 0.0},
-        "status": "running",
-    }
+    results = new_results(config, matrix=None, agnostic=None)  # no task stream in few-shot
 
     def save_results():
         results["timing"]["total_seconds"] = time.perf_counter() - started
