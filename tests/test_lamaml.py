@@ -342,3 +342,41 @@ def test_la_er_matches_hand_written_update():
     for p, e in zip(list(m.backbone.parameters()) + list(m.alpha), new_w + new_alpha):
         torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
     assert int(m.memory.age) == 9  # La-ER offers the batch after its glances, every epoch
+
+
+@pytest.mark.parametrize("info", [domain_info(), class_info()], ids=["domain", "class"])
+@pytest.mark.parametrize("relu_lr", [True, False])
+@pytest.mark.parametrize("tail", [True, False])
+def test_hand_written_mlp_glance_equals_autograd_loop(info, relu_lr, tail):
+    """The MLP glance (lamaml_mlp.py) on a three-layer MLP: same loss and meta-gradients."""
+    torch.manual_seed(0)
+    m = LaMAML(MLP(SHAPE, N_OUT, hidden=(5, 3)), info, alpha_init=0.2, inner_lr_relu=relu_lr)
+    with torch.no_grad():  # some negative step sizes, to exercise relu'
+        m.alpha[0][:2] = -0.1
+        m.alpha[2][0] = -0.1
+    m._task = 1 if info.multi_head else 0
+    classes = info.task_classes[m._task]
+    x, y, _ = batch(6, classes=classes)
+    bx, by, bt = batch(5, classes=info.task_classes[0])
+    if tail:  # as observe builds it: memory rows, then the incoming batch
+        bx, by = torch.cat([bx, x]), torch.cat([by, y])
+        bt = torch.cat([bt, torch.full((6,), m._task)])
+    assert m.mlp_path
+    ref = path_gradients(m, False, x, y, bx, by, bt)
+    m.vectorize = True
+    m.begin_update(x, y)
+    assert type(m._ws).__name__ == "MLPGlance"
+    m._ws = None
+    fast = m.meta_gradients(x, y, bx, by, bt)  # incoming_in_meta=False: checks both layouts
+    if tail:
+        m.begin_update(x, y)
+        loss, gw, ga = m.glance_gradients(x, y, bx, by, bt, incoming_in_meta=True)
+        m._ws = None
+        torch.testing.assert_close(loss, ref[0])
+        torch.testing.assert_close(torch.cat([g.flatten() for g in ref[1]]), gw[0],
+                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(torch.cat([g.flatten() for g in ref[2]]), ga[0],
+                                   rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fast[0], ref[0])
+    for a, b in zip(fast[1] + fast[2], ref[1] + ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -55,7 +55,8 @@ class ReservoirBuffer(nn.Module):
         """Up to n distinct stored samples, uniformly at random."""
         size = len(self)
         idx = torch.randperm(size, device=self.x.device)[: min(n, size)]
-        return self.x[idx], self.y[idx], self.t[idx]
+        pick = (self.x, self.y, self.t)
+        return tuple(v.index_select(0, idx) for v in pick)  # faster than v[idx] on CPU
 
     def all(self) -> tuple[Tensor, Tensor, Tensor]:
         size = len(self)

@@ -30,6 +30,8 @@ from metacl.methods.lamaml import LaMAML
 
 
 class LaER(LaMAML):
+    hand_written_mlp = False  # its glance takes the meta-loss after the last inner step only
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -57,6 +57,8 @@ from torch.func import vmap
 from metacl.errors import ConfigError
 from metacl.memory import ReservoirBuffer
 from metacl.methods.base import ContinualMethod
+from metacl.methods.lamaml_mlp import MLPGlance
+from metacl.models.backbones import MLP
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -129,6 +131,7 @@ class _Trajectory:
     def __init__(self, flat: FlatParams, k: int, like: Tensor):
         opts = {"device": like.device, "dtype": like.dtype}
         self.flat, self.k = flat, k
+        self.views = flat.views
         self.W = torch.zeros(k + 1, flat.size, **opts)
         self.S = torch.zeros(k + 1, flat.size, **opts)  # row 0 stays zero
         self.g = torch.zeros(flat.size, **opts)
@@ -148,6 +151,11 @@ class _Trajectory:
 
 # ---------------------------------------------------------------------------------- method
 class LaMAML(ContinualMethod):
+    # observe() takes the meta-loss at every inner step (La-ER, which does not, turns this off):
+    # then an MLP learner with single-sample, unclamped first-order inner steps gets the
+    # hand-written glance of lamaml_mlp.py.
+    hand_written_mlp = True
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -229,6 +237,12 @@ class LaMAML(ContinualMethod):
     def fast_path(self) -> bool:
         return self.vectorize and not self.second_order
 
+    @property
+    def mlp_path(self) -> bool:
+        return (self.fast_path and self.hand_written_mlp and isinstance(self.backbone, MLP)
+                and self.inner_batches is None and self.inner_grad_clamp is None
+                and type(self).loss is ContinualMethod.loss)
+
     # ------------------------------------------------------------------ the algorithm box
     def replay_source(self) -> ReservoirBuffer:
         if self.old_memory is not None and self._task > 0:
@@ -248,10 +262,10 @@ class LaMAML(ContinualMethod):
         weights, alphas = self.begin_update(x, y)
         for glance in range(self.glances):
             perm = torch.randperm(x.shape[0], device=x.device)
-            x, y, t = x[perm], y[perm], t[perm]
+            x, y, t = x.index_select(0, perm), y.index_select(0, perm), t.index_select(0, perm)
             bx, by, bt = self.meta_batch(x, y, t)
-            meta_loss, grad_w, grad_a = self.glance_gradients(x, y, bx, by, bt,
-                                                              need_alpha=self.learn_lr)
+            meta_loss, grad_w, grad_a = self.glance_gradients(
+                x, y, bx, by, bt, need_alpha=self.learn_lr, incoming_in_meta=True)
             if glance == 0 and push:
                 self.memory.add(x, y, t)
             self.outer_step(weights, alphas, grad_w, grad_a)
@@ -272,12 +286,15 @@ class LaMAML(ContinualMethod):
             torch._foreach_addcmul_(weights, grad_w, steps, value=-1.0)
 
     # ------------------------------------------------------------------ working copies
-    def begin_update(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def begin_update(self, x: Tensor, y: Tensor, meta_every_step: bool = True
+                     ) -> tuple[list[Tensor], list[Tensor]]:
         """The tensors the glances update: the parameters, or (fast path) flat copies of them."""
         if not self.fast_path:
             self._ws = None
             return list(self.backbone.parameters()), list(self.alpha)
-        ws = self._workspace(len(inner_chunks(x, y, self.inner_batches)))
+        k = len(inner_chunks(x, y, self.inner_batches))
+        mlp = self.mlp_path and meta_every_step
+        ws = self._mlp_workspace(k) if mlp else self._workspace(k)
         with torch.no_grad():
             torch._foreach_copy_(ws.w_views, list(self.backbone.parameters()))
             torch._foreach_copy_(ws.a_views, list(self.alpha))
@@ -292,9 +309,15 @@ class LaMAML(ContinualMethod):
             self._ws = None
 
     def glance_gradients(self, x, y, bx, by, bt, need_w=True, need_alpha=True,
-                         meta_every_step=True):
+                         meta_every_step=True, incoming_in_meta=False):
         """(L_meta detached, dL/dw, dL/dalpha) for one glance, in the form begin_update chose:
         per-parameter lists, or one-element lists of flat vectors (fast path)."""
+        if isinstance(self._ws, MLPGlance):
+            if not meta_every_step:
+                raise RuntimeError("the hand-written MLP glance takes the meta-loss at every "
+                                   "inner step; set hand_written_mlp = False in this subclass")
+            return self._glance_mlp(self._ws, x, y, bx, by, bt, need_w, need_alpha,
+                                    incoming_in_meta)
         if self._ws is not None:
             return self._glance_first_order(self._ws, x, y, bx, by, bt, need_w, need_alpha,
                                             meta_every_step)
@@ -317,12 +340,12 @@ class LaMAML(ContinualMethod):
     def meta_gradients(self, x, y, bx, by, bt, need_w=True, need_alpha=True,
                        meta_every_step=True):
         """One glance's meta-gradients as per-parameter lists, whichever path is configured."""
-        self.begin_update(x, y)
+        self.begin_update(x, y, meta_every_step)
         try:
             loss, gw, ga = self.glance_gradients(x, y, bx, by, bt, need_w, need_alpha,
                                                  meta_every_step)
             if self._ws is not None:
-                views = self._ws.flat.views
+                views = self._ws.views
                 gw = [v.clone() for v in views(gw[0])] if need_w else None
                 ga = [v.clone() for v in views(ga[0])] if need_alpha else None
         finally:
@@ -374,6 +397,24 @@ class LaMAML(ContinualMethod):
                 self._workspace_cache = {"device": like.device}
             self._workspace_cache[key] = _Trajectory(self._flat, k, like)
         return self._workspace_cache[key]
+
+    def _mlp_workspace(self, k: int) -> MLPGlance:
+        like = next(self.backbone.parameters())
+        key = ("mlp", k, like.device, like.dtype)
+        if key not in self._workspace_cache:
+            self._workspace_cache[key] = MLPGlance(self.backbone, k, like)
+        return self._workspace_cache[key]
+
+    @torch.no_grad()
+    def _glance_mlp(self, ws: MLPGlance, x, y, bx, by, bt, need_w, need_alpha,
+                    incoming_in_meta):
+        mask_inner = mask_meta = None
+        if self.task_info.multi_head:  # additive masks: 0 on the task's classes, MASK_VALUE off
+            mask_inner = self.mask_logits(bx.new_zeros(self.task_info.n_outputs), self._task)
+            mask_meta = self.mask_logits(bx.new_zeros(bx.shape[0], self.task_info.n_outputs), bt)
+        loss = ws.glance(x, y, bx, by, mask_inner, mask_meta, need_w, need_alpha,
+                         self.inner_lr_relu, incoming_in_meta)
+        return loss, [ws.gw] if need_w else None, [ws.ga] if need_alpha else None
 
     def _probe_layout(self) -> FlatParams:
         """Store each parameter in the memory order of its vmapped meta-gradient.
