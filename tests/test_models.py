@@ -233,3 +233,32 @@ def test_mlp_init_options():
     assert not torch.equal(default.params[1], torch.zeros_like(default.params[1]))
     with pytest.raises(ConfigError, match="model.init=xavier"):
         MLP(MNIST, 10, init="xavier")
+
+
+@pytest.mark.parametrize("hidden", [[], [5], [6, 4]])
+@pytest.mark.parametrize("masked", [False, True])
+def test_mlp_grad_matches_autograd(hidden, masked):
+    """metacl.models.mlp_grad: hand-written loss and gradient equal autograd's."""
+    from metacl.methods.base import MASK_VALUE
+    from metacl.models.mlp_grad import MLPGrad
+
+    torch.manual_seed(0)
+    net = MLP((1, 3, 3), 4, hidden=hidden)
+    x, y = torch.randn(3, 1, 3, 3), torch.tensor([0, 3, 1])
+    mask = None
+    if masked:  # each sample may only use two classes
+        allowed = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+        mask = torch.zeros(3, 4).masked_fill(~allowed, MASK_VALUE)
+        y = torch.tensor([0, 3, 1])
+    logits = net(x) if mask is None else net(x).masked_fill(mask < 0, MASK_VALUE)
+    loss = F.cross_entropy(logits, y)
+    expected = torch.autograd.grad(loss, list(net.parameters()))
+
+    step = MLPGrad(net, next(net.parameters()))
+    with torch.no_grad():
+        got = step.grad([p.detach() for p in net.parameters()], x.reshape(3, -1),
+                        F.one_hot(y, 4).float(), mask)
+    torch.testing.assert_close(got, loss.detach())
+    for g, e in zip(step.g_views, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+    assert step.g.abs().sum() > 0
