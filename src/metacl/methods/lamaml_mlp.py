@@ -69,15 +69,25 @@ class MLPGlance:
         def split(flat, shapes=shapes, numels=numels):  # parameter-shaped views of (P,)
             return [seg.view(s) for seg, s in zip(flat.split(numels), shapes)]
 
+        def split_w1t(flat):  # the same, but W1 stored transposed: (D, H) rows are contiguous
+            views = split(flat)
+            views[0] = flat[:numels[0]].view(shapes[0][::-1]).t()
+            return views
+
         def stacked(rows):  # per-parameter (n, *shape) views of (n, P2) rows
             return [seg.view(rows.shape[0], *s) for seg, s in
                     zip(rows.split(rest_numels, dim=1), rest_shapes)]
 
-        self.views = split
+        self.views = split_w1t
         self.w, self.a, self.lr = (torch.zeros(self.size, **opts) for _ in range(3))
         self.gw, self.ga = torch.zeros(self.size, **opts), torch.zeros(self.size, **opts)
-        self.w_views, self.a_views, self.lr_views = split(self.w), split(self.a), split(self.lr)
-        self.gw_views, self.ga_views = split(self.gw), split(self.ga)
+        self.w_views, self.a_views = split_w1t(self.w), split_w1t(self.a)
+        self.lr_views = split_w1t(self.lr)
+        self.gw_views, self.ga_views = split_w1t(self.gw), split_w1t(self.ga)
+        # W1 and its companions as contiguous (D, H): products read whole rows, and the rows of
+        # all-zero input pixels are skipped by gathering/scattering rows (see `glance`)
+        self.W1t, self.lrW1t = self.w_views[0].t(), self.lr_views[0].t()
+        self.gwW1t, self.gaW1t = self.gw_views[0].t(), self.ga_views[0].t()
         self.lr_rest = self.lr[self.p1:]
         self.gw_rest = split(self.gw[self.p1:], rest_shapes, rest_numels)
         self.ga_rest = split(self.ga[self.p1:], rest_shapes, rest_numels)
@@ -122,8 +132,7 @@ class MLPGlance:
         Writes gw and/or ga; returns the meta-loss (a 0-dim tensor).
         """
         k, m = self.k, bx.shape[0]
-        W1, b1 = self.w_views[0], self.w_views[1]
-        lrW1, lrb1 = self.lr_views[0], self.lr_views[1]
+        b1, lrb1 = self.w_views[1], self.lr_views[1]
         if relu_lr:
             torch.clamp_min(self.a, 0.0, out=self.lr)
         else:
@@ -133,11 +142,23 @@ class MLPGlance:
             X, first = bx.reshape(m, -1), m - k
         else:  # rows m.. serve the inner loop only
             X, first = torch.cat([bx.reshape(m, -1), xin]), m
+        XW = torch.addmm(b1, X, self.W1t)  # (rows, H) at w
+
+        # Pixels that are zero in all K incoming samples (MNIST's background: ~45% of them)
+        # add nothing to T or to the alpha gradient of W1 below, whose rows there are exactly
+        # zero: skip them. CPU only (finding them would be a host sync on a GPU).
+        cols, Xc, lrW1t = None, X, self.lrW1t
+        if X.device.type == "cpu":
+            cols = xin.ne(0).any(0).nonzero().squeeze(1)
+            if cols.numel() > 0.8 * X.shape[1]:
+                cols = None
+            else:
+                Xc, xin, lrW1t = X.index_select(1, cols), xin.index_select(1, cols), \
+                    lrW1t.index_select(0, cols)
 
         # T[j, r] = lr_W1 (x_j * X_r) + lr_b1: the first-layer correction of every fast weight.
-        B = X.unsqueeze(0) * xin.unsqueeze(1)  # (K, rows, D)
-        T = torch.addmm(lrb1, B.view(-1, B.shape[-1]), lrW1.t()).view(k, X.shape[0], -1)
-        XW = torch.addmm(b1, X, W1.t())  # (rows, H) at w
+        B = Xc.unsqueeze(0) * xin.unsqueeze(1)  # (K, rows, D)
+        T = torch.addmm(lrb1, B.view(-1, B.shape[-1]), lrW1t).view(k, X.shape[0], -1)
         T_in = T[:, first:first + k].unbind(0)  # K x (K, H): on the incoming rows themselves
         self.Zin.copy_(XW[first:first + k])
         if not incoming_in_meta:
@@ -194,11 +215,14 @@ class MLPGlance:
         D = torch.mm(self.suffix, delta.view(k, -1)).view(k, m, -1)
         if need_w:
             d0 = D[0]
-            torch.mm(d0.t(), X, out=self.gw_views[0])
+            torch.mm(X.t(), d0, out=self.gwW1t)
             torch.sum(d0, 0, out=self.gw_views[1])
         if need_alpha:
             A = D.mul_(E.unsqueeze(1)).view(k * m, -1)  # rows (j, m): e_j * D_j[m]
-            torch.mm(A.t(), B.reshape(k * m, -1), out=self.ga_views[0])
+            if cols is None:
+                torch.mm(B.reshape(k * m, -1).t(), A, out=self.gaW1t)
+            else:
+                self.gaW1t.zero_().index_copy_(0, cols, torch.mm(B.reshape(k * m, -1).t(), A))
             torch.sum(A, 0, out=self.ga_views[1])
             self.ga.neg_()
             if relu_lr:
