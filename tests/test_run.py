@@ -158,3 +158,25 @@ def test_few_shot_method_on_a_continual_dataset_is_refused_before_loading(compos
     cfg = compose(["debug=fast", f"paths.output_dir={tmp_path}", "method=maml"])
     with pytest.raises(ConfigError, match="MAML runs on episodic datasets"):
         run_main(cfg)
+
+
+def test_threads_setting(monkeypatch):
+    """threads: auto takes the backbone's CPU preference; numbers are applied; bad values refused."""
+    from metacl.errors import ConfigError
+    from metacl.models import MLP, PcCNN
+    from metacl.run import set_threads
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    set_threads("auto", cpu, MLP((1, 2, 2), 3))
+    set_threads("auto", cpu, PcCNN((3, 8, 8), 3, channels=2, n_conv=1, hidden=4))
+    set_threads("auto", gpu, MLP((1, 2, 2), 3))
+    set_threads(None, cpu, MLP((1, 2, 2), 3))
+    set_threads(3, cpu, MLP((1, 2, 2), 3))
+    from metacl.run import DEFAULT_THREADS
+
+    assert calls == [1, DEFAULT_THREADS, DEFAULT_THREADS, DEFAULT_THREADS, 3]
+    for bad in (0, -2, "many", 1.5):
+        with pytest.raises(ConfigError, match="threads="):
+            set_threads(bad, cpu, MLP((1, 2, 2), 3))

@@ -240,6 +240,26 @@ def main(cfg: DictConfig) -> float:
         return _record_failed_job(cfg, job, err)
 
 
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any run changed it
+
+
+def set_threads(setting, device: torch.device, backbone) -> None:
+    """torch intra-op threads: an int, null (torch's default: one per core) or `auto`.
+
+    auto: on CPU, the backbone's `cpu_threads` preference if it declares one (the MLP: 1; its
+    operations are too small to split, and measured 1.5x faster with 1 thread than 2), else
+    torch's default. See docs/architecture.md.
+    """
+    if setting == "auto":
+        setting = getattr(backbone, "cpu_threads", None) if device.type == "cpu" else None
+    if setting is None:  # also undoes an earlier job's setting in the same multirun process
+        setting = DEFAULT_THREADS
+    if not isinstance(setting, int) or isinstance(setting, bool) or setting < 1:
+        raise ConfigError(f"threads={setting!r}: use a positive integer, null (torch's "
+                          "default) or auto")
+    torch.set_num_threads(setting)
+
+
 def start_run(cfg: DictConfig, out_dir: Path):
     """The job's identity, its resolved config and a started run logger (every protocol)."""
     job = job_info(cfg)
@@ -320,6 +340,7 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
     metric = cfg.get("optimized_metric", "RA")
     check_optimized_metric(metric, has_val)  # before training, not after hours of it
     backbone = instantiate(cfg.model, input_shape=info.input_shape, n_outputs=info.n_outputs)
+    set_threads(cfg.get("threads", "auto"), device, backbone)
     # _partial_: the backbone and TaskInfo are objects, not config values to merge.
     method = instantiate(cfg.method, _partial_=True)(backbone=backbone, task_info=info)
     method = method.to(device)

@@ -122,6 +122,9 @@ def _conv_out(size: int, kernel: int = 3, stride: int = 1, padding: int = 1) -> 
 class MLP(Backbone):
     """Fully connected ReLU network; default 784-100-100-10 is La-MAML's MNIST learner.
 
+    cpu_threads = 1: with `threads: auto` a CPU run uses one intra-op thread (the single-sample
+    and 10-sample operations of the MNIST methods are too small to split; docs/architecture.md).
+
     init: ``kaiming_normal`` (La-MAML's learner: kaiming-normal weights, zero biases) or
     ``torch`` (PyTorch's default ``nn.Linear``: kaiming-uniform a=sqrt(5), uniform bias).
     """
@@ -135,6 +138,7 @@ class MLP(Backbone):
         **hparams,
     ) -> None:
         super().__init__(input_shape, n_outputs, **hparams)
+        self.cpu_threads = 1
         if init not in ("torch", "kaiming_normal"):
             raise ConfigError(f"model.init={init} is not supported; allowed: torch, "
                               "kaiming_normal")
