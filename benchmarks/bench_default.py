@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 
 from metacl.run import main as run_main
@@ -34,6 +35,7 @@ def bench(overrides: list[str]) -> dict:
         "train_seconds": round(timing["train_seconds"], 2),
         "total_seconds": round(timing["total_seconds"], 2),
         "samples_per_second": round(samples / timing["train_seconds"], 1) if samples else None,
+        "intra_op_threads": torch.get_num_threads(),  # as the run left it (threads=auto)
         "RA": round(metrics["RA"], 4),
         "BTI": round(metrics["BTI"], 4),
     }
