@@ -93,11 +93,11 @@ def test_l2_transfer_penalty_pulls_towards_the_previous_model():
         for p in method.backbone.parameters():
             p.add_(1.0)
     n = sum(p.numel() for p in method.backbone.parameters())
-    assert float(method.penalty()) == pytest.approx(n / 2)
+    assert float(method.penalty().detach()) == pytest.approx(n / 2)
     x, y = dm.tasks[1].x_train, dm.tasks[1].y_train
     t = torch.ones_like(y)
-    ce = method.loss(method.backbone(x), y, t)
-    assert float(method.objective(x, y, t)) == pytest.approx(float(ce) + 0.5 * n / 2, rel=1e-5)
+    ce = method.loss(method.backbone(x), y, t).detach()
+    assert float(method.objective(x, y, t).detach()) == pytest.approx(float(ce) + 0.5 * n / 2, rel=1e-5)
     with pytest.raises(ConfigError, match="merge='median'"):
         imm("median")
 
@@ -121,3 +121,28 @@ def test_sgd_frozen_trains_only_the_head_after_the_first_task():
 def test_random_never_trains():
     method = Random(MLP(SHAPE, 6, hidden=(4,)), INFO)
     assert all(method.training_tasks(t, 3) == [] for t in range(3))
+
+
+def test_pnn_earlier_columns_are_frozen_and_their_outputs_kept():
+    from metacl.methods.pnn import PNN
+
+    method, dm = detached(PNN(MLP(SHAPE, 6, hidden=(5, 4)), INFO, lr=0.5)), fake_dm()
+    x0 = dm.tasks[0].x_train
+    for t in range(3):
+        method.before_task(t, dm)
+        if t:
+            with torch.no_grad():
+                before = method(x0, 0).clone()
+            column0 = [p.detach().clone() for p in method.columns[0].parameters()]
+        x, y = dm.tasks[t].x_train, dm.tasks[t].y_train
+        for _ in range(3):
+            method.observe(x, y, torch.full_like(y, t))
+        if t:
+            assert all(torch.equal(a, b) for a, b in zip(method.columns[0].parameters(), column0))
+            with torch.no_grad():
+                assert torch.equal(method(x0, 0), before)
+        method.after_task(t, dm)
+    # column 2 reads both earlier columns through its laterals, which learned
+    assert len(method.columns[2].laterals) == 2 and method.columns[2].laterals[1].grad is not None
+    with pytest.raises(ConfigError, match="needs model=mlp"):
+        PNN(torch.nn.Linear(1, 1), INFO)
