@@ -10,7 +10,8 @@ from metacl.task_info import TaskInfo
 from .conftest import CONF
 
 INPUT_SHAPES = {"mnist": (1, 28, 28), "bundled": (1, 28, 28), "mer": (1, 28, 28),
-                "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "tinyimagenet": (3, 64, 64)}
+                "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "cifar10_100": (3, 32, 32),
+                "tinyimagenet": (3, 64, 64)}
 
 
 def options(group):
@@ -61,10 +62,13 @@ def _instantiate_all(cfg):
     pl.Trainer(**trainer_kwargs, logger=False, enable_progress_bar=False,
                enable_model_summary=False, enable_checkpointing=False)
     instantiate(cfg.logger)
+    if cfg.get("schedule"):
+        instantiate(cfg.schedule)
     return method
 
 
-@pytest.mark.parametrize("group", ["dataset", "model", "method", "trainer", "logger", "debug"])
+@pytest.mark.parametrize("group", ["dataset", "model", "method", "trainer", "logger", "debug",
+                                   "schedule"])
 def test_every_option_of_every_group_instantiates(compose, group):
     for option in options(group):
         cfg = compose([f"{group}={option}", "paths.output_dir=/tmp/unused"])

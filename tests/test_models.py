@@ -11,6 +11,7 @@ from torch.func import vmap
 from metacl.errors import ConfigError
 from metacl.models import BACKBONES, MLP, Backbone, PcCNN, ResNet18, build_backbone
 from metacl.models.conv4 import Conv4
+from metacl.models.alexnet import AlexNet
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)
@@ -116,7 +117,8 @@ def test_resnet18_layout():
 
 
 def test_registry_and_builder():
-    assert BACKBONES == {"mlp": MLP, "pc_cnn": PcCNN, "resnet18": ResNet18, "conv4": Conv4}
+    assert BACKBONES == {"mlp": MLP, "pc_cnn": PcCNN, "resnet18": ResNet18, "conv4": Conv4,
+                         "alexnet": AlexNet}
     model = build_backbone("pc_cnn", CIFAR, 7, channels=4)
     assert isinstance(model, Backbone) and model.channels == 4
     with pytest.raises(KeyError):

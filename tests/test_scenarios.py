@@ -293,6 +293,7 @@ def test_build_scenario_dispatch_and_unknown():
         "mnist_permutations",
         "mnist_many_permutations",
         "class_split",
+        "hat_cifar",
     }
     tasks = build_scenario("class_split", split, n_tasks=5, class_order="fixed")
     assert [t.param for t in tasks] == [[4 * t + c for c in range(4)] for t in range(5)]

@@ -10,6 +10,14 @@ from `metacl/published.yaml`. Runs that failed or never finished are listed, nev
 Writes report.md, report.csv (optionally report.tex), final_accuracy.png (bars with CIs) and
 accuracy_over_tasks.png (mean accuracy over the tasks seen so far, per cell), and prints the
 Markdown. All numbers are in percent, as papers print them.
+
+Forgetting ratio (HAT, Serra et al. 2018): when the folders also hold finished runs of
+`method=random` and `method=joint` with the same dataset config and seed as a run, the run gets
+rho_u = (A_u - A_random,u) / (A_joint,u - A_random,u) - 1 for every task u, where A_u is the
+run's final accuracy on task u (the last row of its matrix), and `rho` = the mean over tasks
+(tasks where joint and random tie are left out). rho = 0 matches joint training, -1 is no better
+than the untrained network; it is reported (not in percent) with its 95% CI over seeds, and the
+per-task means are listed below the table.
 """
 
 from __future__ import annotations
@@ -26,7 +34,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-METRICS = ("RA", "BTI", "ACC", "BWT", "FWT", "forgetting")
+METRICS = ("RA", "BTI", "ACC", "BWT", "FWT", "forgetting", "rho")
+# Metrics reported as they are (ratios), not as percentages.
+RATIO_METRICS = ("rho",)
+# The reference runs of the forgetting ratio (method config names).
+RANDOM_METHOD, JOINT_METHOD = "random", "joint"
 FEWSHOT_METRICS = ("test_acc",)
 # Config leaves that never make two runs different experiments.
 IGNORED_LEAVES = {"seed", "data_dir", "download", "verify_checksums", "eval_batch_size",
@@ -76,6 +88,7 @@ class Run:
     metrics: dict  # fractions, as in results.json
     matrix: list
     settings: dict = field(default_factory=dict)  # leaf -> value, for comparison
+    rho_per_task: list | None = None  # forgetting ratio of each task, when references exist
 
     @property
     def ok(self) -> bool:
@@ -159,6 +172,42 @@ def find_results(dirs) -> list[Path]:
     return sorted(paths)
 
 
+# ------------------------------------------------------------------------------- forgetting ratio
+def forgetting_ratio(final, random_final, joint_final) -> list[float]:
+    """rho_u = (A_u - A_random,u) / (A_joint,u - A_random,u) - 1 per task (NaN where joint and
+    random tie)."""
+    out = []
+    for a, r, j in zip(final, random_final, joint_final):
+        out.append((a - r) / (j - r) - 1 if j != r else float("nan"))
+    return out
+
+
+def _reference_key(run: Run) -> tuple:
+    dataset_settings = {k: v for k, v in run.settings.items() if k.startswith("dataset.")}
+    return run.dataset, str(run.seed), json.dumps(dataset_settings, sort_keys=True)
+
+
+def add_forgetting_ratios(runs: list[Run]) -> None:
+    """Set `rho` (and `rho_per_task`) on every finished run that has a finished random and joint
+    run of the same dataset config and seed among `runs`."""
+    refs: dict[tuple, Run] = {}
+    for run in runs:
+        if run.ok and run.method in (RANDOM_METHOD, JOINT_METHOD) and run.matrix:
+            refs[(*_reference_key(run), run.method)] = run
+    for run in runs:
+        key = _reference_key(run)
+        rand, joint = refs.get((*key, RANDOM_METHOD)), refs.get((*key, JOINT_METHOD))
+        if not (run.ok and run.matrix and rand and joint):
+            continue
+        if not len(run.matrix[-1]) == len(rand.matrix[-1]) == len(joint.matrix[-1]):
+            continue
+        per_task = forgetting_ratio(run.matrix[-1], rand.matrix[-1], joint.matrix[-1])
+        finite = [v for v in per_task if math.isfinite(v)]
+        if finite:
+            run.rho_per_task = per_task
+            run.metrics["rho"] = sum(finite) / len(finite)
+
+
 # ------------------------------------------------------------------------------- grouping
 @dataclass
 class Cell:
@@ -206,7 +255,8 @@ def group_runs(runs: list[Run], metrics=METRICS) -> list[Cell]:
         for settings, cell_runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
             cell = Cell(dataset, method, settings, cell_runs)
             for metric in metrics:
-                values = [100.0 * r.metrics[metric] for r in cell_runs
+                scale = 1.0 if metric in RATIO_METRICS else 100.0
+                values = [scale * r.metrics[metric] for r in cell_runs
                           if isinstance(r.metrics.get(metric), (int, float))]
                 if values:
                     cell.stats[metric] = mean_ci(values)
@@ -247,11 +297,11 @@ def match_published(cell: Cell, published: dict) -> dict | None:
 
 
 # ------------------------------------------------------------------------------- formatting
-def _fmt(stat) -> str:
+def _fmt(stat, digits: int = 2) -> str:
     if stat is None:
         return "—"
     mean, ci, _ = stat
-    return f"{mean:.2f}" if ci is None else f"{mean:.2f} ± {ci:.2f}"
+    return f"{mean:.{digits}f}" if ci is None else f"{mean:.{digits}f} ± {ci:.{digits}f}"
 
 
 def _columns(cells: list[Cell], metrics) -> list[str]:
@@ -261,8 +311,9 @@ def _columns(cells: list[Cell], metrics) -> list[str]:
 def markdown(cells: list[Cell], failed: list[Run], columns, published: dict,
              studies: list[tuple[Path, dict]] = ()) -> str:
     lines = ["# Results", "",
-             ("Mean ± 95% CI over runs (Student's t), in percent; n = runs (seeds) averaged. "
-             "`published` is the paper's figure for that cell (sources below)."), ""]
+             ("Mean ± 95% CI over runs (Student's t), in percent (rho: a ratio); n = runs "
+              "(seeds) averaged. "
+              "`published` is the paper's figure for that cell (sources below)."), ""]
     pub_metrics = [m for m in columns if any(c.published and m in c.published for c in cells)]
     header = ["dataset", "method", "settings", "n", *columns,
               *(f"published {m}" for m in pub_metrics)]
@@ -281,7 +332,8 @@ def markdown(cells: list[Cell], failed: list[Run], columns, published: dict,
             else:
                 pub.append("—")
         row = [cell.dataset, cell.method, cell.label or "—", str(len(cell.runs)),
-               *(_fmt(cell.stats.get(m)) for m in columns), *pub]
+               *(_fmt(cell.stats.get(m), 3 if m in RATIO_METRICS else 2) for m in columns),
+               *pub]
         lines.append("| " + " | ".join(row) + " |")
     if not cells:
         lines.append("| " + " | ".join(["—"] * len(header)) + " |")
@@ -290,6 +342,15 @@ def markdown(cells: list[Cell], failed: list[Run], columns, published: dict,
         for i, key in enumerate(used_sources, 1):
             text = " ".join(str(published["sources"].get(key, key)).split())
             lines.append(f"{i}. {text}")
+    rho_cells = [c for c in cells if any(r.rho_per_task for r in c.runs)]
+    if rho_cells:
+        lines += ["", "Forgetting ratio per task (`rho`, mean over runs; 0 = joint, -1 = random):",
+                  ""]
+        for cell in rho_cells:
+            rows = [r.rho_per_task for r in cell.runs if r.rho_per_task]
+            means = [mean_ci([row[u] for row in rows])[0] for u in range(len(rows[0]))]
+            lines.append(f"- {cell.dataset}/{_short(cell)}: "
+                         + " ".join(f"{m:+.3f}" for m in means))
     for path, result in studies:
         lines += ["", (f"Optuna study `{path}`: best value {result.get('best_value')} with "
                   f"{result.get('best_params')}")]
@@ -456,6 +517,7 @@ def build_report(dirs, out_dir: str | Path | None = None, latex_table: bool = Fa
                  plots: bool = True, metrics=None, published_path=None) -> Report:
     paths = find_results(dirs)
     runs = [load_run(p) for p in paths]
+    add_forgetting_ratios(runs)
     failed = [r for r in runs if not r.ok]
     metrics = list(metrics or (*METRICS, *FEWSHOT_METRICS))
     cells = group_runs(runs, metrics)

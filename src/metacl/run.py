@@ -345,6 +345,10 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
     method = instantiate(cfg.method, _partial_=True)(backbone=backbone, task_info=info)
     method = method.to(device)
     dm.batch_size = method.batch_size
+    # An optional training schedule (schedule=hat): a Lightning callback on every task's Trainer.
+    schedule = instantiate(cfg.schedule) if cfg.get("schedule") else None
+    if schedule is not None:
+        schedule.check(dm)
 
     job, config, run_logger = start_run(cfg, out_dir)
     run_name = job.name
@@ -391,7 +395,8 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
                     trainer = pl.Trainer(
                         **cfg.trainer, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, callbacks=[callback],
+                        num_sanity_val_steps=0,
+                        callbacks=[callback] + ([schedule] if schedule is not None else []),
                     )
                     trainer.fit(method, datamodule=dm)
                     step = callback.step
@@ -411,6 +416,10 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
                 done = results["accuracy_matrix"]
                 results["metrics"] = partial_metrics(done, before)
                 so_far = {f"test/{k}": v for k, v in results["metrics"].items()}
+                method_metrics = method.task_metrics()  # e.g. HAT's units used per layer
+                if method_metrics:
+                    results.setdefault("method_metrics", []).append(method_metrics)
+                    so_far.update(method_metrics)
                 if val:
                     val["accuracy_matrix"].append(evaluate(method, dm, t + 1, split="val")[0])
                     val["metrics"] = partial_metrics(val["accuracy_matrix"],

@@ -10,6 +10,10 @@ hyperparameter searches optimise instead of the test split. Class splits do this
 does it after building the tasks, with its own seeded generator, before any `limit_*` subset.
 The held-out samples are removed from the task's training data. `limit_test_per_task` caps the
 validation split as well (both are evaluation splits).
+
+Separate heads: `separate_heads=True` gives every task its own output units (task t's labels
+are shifted past those of the tasks before it), so a scenario whose tasks share labels (permuted
+MNIST) is evaluated task-aware with one head per task, as HAT's benchmarks are.
 """
 
 from __future__ import annotations
@@ -42,6 +46,21 @@ def hold_out_validation(task: Task, fraction: float, gen: torch.Generator) -> No
         mask[idx[torch.randperm(len(idx), generator=gen)[:n_val]]] = True
     task.x_val, task.y_val = task.x_train[mask], y[mask]
     task.x_train, task.y_train = task.x_train[~mask], y[~mask]
+
+
+def offset_labels(tasks: list[Task]) -> None:
+    """Give each task its own output units: task t's k-th class becomes label
+    (classes of tasks < t) + k, in every split (in place)."""
+    offset = 0
+    for task in tasks:
+        remap = torch.full((max(task.classes) + 1,), -1, dtype=torch.long)
+        remap[torch.tensor(task.classes)] = torch.arange(len(task.classes)) + offset
+        for name in ("y_train", "y_test", "y_val"):
+            y = getattr(task, name)
+            if y is not None:
+                setattr(task, name, remap[y])
+        task.classes = list(range(offset, offset + len(task.classes)))
+        offset += len(task.classes)
 
 
 class TensorBatches:
@@ -97,6 +116,7 @@ class ContinualDataModule(pl.LightningDataModule):
         inc_cls_num: int | None = None,
         class_order="random",
         validation: float = 0.0,
+        separate_heads: bool = False,
         augment: bool = False,
         mean=None,
         std=None,
@@ -128,6 +148,7 @@ class ContinualDataModule(pl.LightningDataModule):
             raise ConfigError(f"dataset.validation={validation!r} is invalid; it must be a "
                               "fraction in [0, 1)")
         self.validation = float(validation or 0.0)
+        self.separate_heads = bool(separate_heads)
         self.augment = augment
         self.mean = None if mean is None else torch.tensor(list(mean)).view(1, -1, 1, 1)
         self.std = None if std is None else torch.tensor(list(std)).view(1, -1, 1, 1)
@@ -156,6 +177,8 @@ class ContinualDataModule(pl.LightningDataModule):
             gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + _VALIDATION_STREAM)
             for task in tasks:
                 hold_out_validation(task, self.validation, gen)
+        if self.separate_heads:
+            offset_labels(tasks)
         limit_tasks, limit_train, limit_test = self.limits
         if limit_tasks:
             tasks = tasks[:limit_tasks]
@@ -179,7 +202,7 @@ class ContinualDataModule(pl.LightningDataModule):
         kwargs = {"data_dir": self.data_dir}
         if self.source != "tinyimagenet":
             kwargs["download"] = self.download
-        if self.source in ("cifar10", "cifar100"):
+        if self.source in ("cifar10", "cifar100", "cifar10_100"):
             kwargs["verify_md5"] = self.verify_checksums
         return kwargs
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -51,8 +52,8 @@ def _check_positive(name: str, value: int) -> None:
         raise ConfigError(f"{name}={value!r} is invalid; it must be a positive integer")
 
 
-def _subset_size(samples_per_task: int | None, available: int) -> int:
-    if samples_per_task is None:
+def _subset_size(samples_per_task: int | str | None, available: int) -> int:
+    if samples_per_task is None or samples_per_task == "all":
         return available
     _check_positive("samples_per_task", samples_per_task)
     if samples_per_task > available:
@@ -295,6 +296,57 @@ def class_split(
     return tasks
 
 
+def class_groups(
+    split: ImageSplit, groups: Sequence[Sequence[int]], seed: int = 0, validation: float = 0.0
+) -> list[Task]:
+    """One task per group of original class ids, in the given order, labels remapped to
+    contiguous ranges in that order (as `class_split`); `validation` holds out that fraction of
+    every class's training samples."""
+    if isinstance(validation, bool) or not 0.0 <= validation < 1.0:
+        raise ConfigError(f"validation={validation!r} is invalid; it must be in [0, 1)")
+    order = [c for group in groups for c in group]
+    remap = torch.full((split.n_classes,), -1, dtype=torch.long)
+    remap[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    y_train, y_test = remap[split.y_train], remap[split.y_test]
+    val_mask = (_validation_mask(split.y_train, validation, seed) if validation > 0
+                else torch.zeros(len(y_train), dtype=torch.bool))
+    tasks, start = [], 0
+    for group in groups:
+        stop = start + len(group)
+        in_train = (y_train >= start) & (y_train < stop)
+        in_test = (y_test >= start) & (y_test < stop)
+        train, val = in_train & ~val_mask, in_train & val_mask
+        tasks.append(Task(
+            x_train=split.x_train[train], y_train=y_train[train],
+            x_test=split.x_test[in_test], y_test=y_test[in_test],
+            classes=list(range(start, stop)),
+            x_val=split.x_train[val] if validation > 0 else None,
+            y_val=y_train[val] if validation > 0 else None,
+            param=list(group),
+        ))
+        start = stop
+    return tasks
+
+
+def hat_cifar(split: ImageSplit, n_tasks: int = 10, seed: int = 0,
+              validation: float = 0.0) -> list[Task]:
+    """HAT's CIFAR benchmark on the `cifar10_100` source (110 classes): CIFAR-10 as 5 tasks of
+    2 classes ({0,1}, {2,3}, ...), CIFAR-100 as 5 tasks of 20 (fine labels 0-19, 20-39, ...),
+    the 10 tasks in the order the reference draws for `seed` (numpy's RandomState(seed)
+    permutation, the same as its sklearn shuffle); `n_tasks` keeps the first tasks of that
+    order. `Task.param` lists the task's original (source) class ids."""
+    if split.n_classes != 110:
+        raise ConfigError(f"scenario hat_cifar needs the cifar10_100 source (110 classes), got "
+                          f"{split.n_classes} classes; set dataset.source=cifar10_100")
+    _check_positive("n_tasks", n_tasks)
+    if n_tasks > 10:
+        raise ConfigError(f"n_tasks={n_tasks} is invalid for hat_cifar; allowed: 1..10")
+    groups = [[2 * k, 2 * k + 1] for k in range(5)]
+    groups += [list(range(10 + 20 * k, 30 + 20 * k)) for k in range(5)]
+    order = np.random.RandomState(int(seed)).permutation(10)[:n_tasks]
+    return class_groups(split, [groups[i] for i in order], seed=seed, validation=validation)
+
+
 def from_mer(
     mer: MerTasks, n_tasks: int | None = None, samples_per_task: int | None = None
 ) -> list[Task]:
@@ -334,6 +386,7 @@ SCENARIOS: dict[str, Callable[..., list[Task]]] = {
     "mnist_permutations": mnist_permutations,
     "mnist_many_permutations": mnist_many_permutations,
     "class_split": class_split,
+    "hat_cifar": hat_cifar,
 }
 
 

@@ -280,6 +280,22 @@ def load_cifar100(
     return _load_cifar(datasets.CIFAR100, "CIFAR-100", data_dir, download, verify_md5)
 
 
+def load_cifar10_100(
+    *, data_dir: PathLike, download: bool = False, verify_md5: bool = True
+) -> ImageSplit:
+    """CIFAR-10 then CIFAR-100 as one 110-class split (HAT's CIFAR benchmark): labels 0-9 are
+    CIFAR-10's, 10-109 CIFAR-100's fine labels + 10. Both folders must be in ``data_dir``."""
+    c10 = load_cifar10(data_dir=data_dir, download=download, verify_md5=verify_md5)
+    c100 = load_cifar100(data_dir=data_dir, download=download, verify_md5=verify_md5)
+    return ImageSplit(
+        x_train=torch.cat([c10.x_train, c100.x_train]),
+        y_train=torch.cat([c10.y_train, c100.y_train + c10.n_classes]),
+        x_test=torch.cat([c10.x_test, c100.x_test]),
+        y_test=torch.cat([c10.y_test, c100.y_test + c10.n_classes]),
+        n_classes=c10.n_classes + c100.n_classes,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # TinyImageNet (folder of JPEGs, decoded once and cached)
 # --------------------------------------------------------------------------------------------
@@ -506,6 +522,7 @@ SOURCES: dict[str, Callable[..., Any]] = {
     "mnist": load_mnist,
     "cifar10": load_cifar10,
     "cifar100": load_cifar100,
+    "cifar10_100": load_cifar10_100,
     "tinyimagenet": load_tinyimagenet,
     "mer": load_mer,
 }

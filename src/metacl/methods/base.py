@@ -76,6 +76,16 @@ class ContinualMethod(pl.LightningModule):
     def after_task(self, t: int, datamodule) -> None:
         pass
 
+    def task_metrics(self) -> dict[str, float]:
+        """Statistics of the method's own state after a task (e.g. HAT's share of units used per
+        layer), logged with the task's row and kept in results.json under `method_metrics`."""
+        return {}
+
+    def validation_loss(self, x: Tensor, y: Tensor, t: int) -> Tensor:
+        """Mean loss on a validation batch of task t: what a plateau schedule
+        (`schedule=hat`, metacl.schedule) watches. x is prepared (no augmentation)."""
+        return self.loss(self(x, t), y, t)
+
     def observe(self, x: Tensor, y: Tensor, t: Tensor) -> Tensor:
         """The method's whole update on one incoming batch; returns the (detached) loss.
 

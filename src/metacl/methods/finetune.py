@@ -1,4 +1,5 @@
-"""Finetune (plain SGD on the stream) and Joint (the IID oracle over all tasks at once)."""
+"""Finetune (plain SGD on the stream), Joint (the IID oracle over all tasks at once), and HAT's
+references SGD-frozen (shared layers frozen after the first tasks) and Random (never trained)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,35 @@ class Joint(Finetune):
 
     def training_tasks(self, t: int, n_tasks: int) -> list[int]:
         return list(range(n_tasks)) if t == 0 else []
+
+
+class FrozenFeatures(Finetune):
+    """HAT's `sgd-frozen`: plain SGD, but once `freeze_after` tasks are learned every layer
+    except the output layer is frozen, so later tasks only train their own head."""
+
+    def __init__(self, backbone, task_info, freeze_after: int = 1, **kwargs):
+        super().__init__(backbone, task_info, **kwargs)
+        self.freeze_after = freeze_after
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._apply_freeze()
+
+    def _apply_freeze(self) -> None:
+        for p in list(self.backbone.parameters())[:-2]:  # all but the linear head
+            p.requires_grad_(not bool(self.frozen))
+
+    def after_task(self, t: int, datamodule) -> None:
+        super().after_task(t, datamodule)
+        if t + 1 >= self.freeze_after:
+            self.frozen.fill_(True)
+            self._apply_freeze()
+
+
+class Random(Finetune):
+    """An untrained network (HAT's `random`): the floor of the forgetting ratio. Trains nothing,
+    so every row of its matrix is its accuracy before training."""
+
+    def training_tasks(self, t: int, n_tasks: int) -> list[int]:
+        return []

@@ -17,6 +17,16 @@ Contract relied upon by the rest of the code base::
 
 Every backbone ends in one linear layer whose weight and bias are the *last two* parameters;
 subclasses implement ``_features`` (everything before it) and the base class adds the head.
+
+Gated backbones (HAT's hard attention, ``metacl.methods.hat``) also provide::
+
+    model.gate_sizes                                   # units of each gated layer, forward order
+    feats = model.features(x, gates=[g_1, ..., g_L])   # g_l (units_l,): multiplies layer l's output
+    masks = model.gate_param_masks([m_1, ..., m_L])    # per parameter: min(mask of the unit it
+                                                       # reads from, of the unit it writes to);
+                                                       # None for the head
+
+``MLP`` (every hidden layer) and ``AlexNet`` (``metacl.models.alexnet``) are gated.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from torch import Tensor, nn
 
 from metacl.errors import ConfigError
 
-__all__ = ["BACKBONES", "MLP", "Backbone", "PcCNN", "ResNet18", "build_backbone"]
+__all__ = ["BACKBONES", "MLP", "AlexNet", "Backbone", "PcCNN", "ResNet18", "build_backbone"]
 
 
 class Backbone(nn.Module):
@@ -75,11 +85,16 @@ class Backbone(nn.Module):
             raise RuntimeError(f"{type(self).__name__}._forward did not consume every parameter")
         return out
 
-    def features(self, x: Tensor, params: Sequence[Tensor] | None = None) -> Tensor:
+    def features(self, x: Tensor, params: Sequence[Tensor] | None = None,
+                 gates: Sequence[Tensor] | None = None) -> Tensor:
         """Penultimate features (B, feature_dim): the whole network except its final linear layer.
 
         ``params`` as in ``forward`` (all of them, head included; the head's are not used).
+        ``gates``: gated backbones only, one (units,) tensor per entry of ``gate_sizes``.
         """
+        if gates is not None and not self.gate_sizes:
+            raise ConfigError(f"model {type(self).__name__} has no gated layers; "
+                              f"gated models: {', '.join(gated_backbones())}")
         params = list(self.params) if params is None else list(params)
         if len(params) != len(self.params):
             raise ValueError(
@@ -87,7 +102,7 @@ class Backbone(nn.Module):
                 f"got {len(params)}"
             )
         it = iter(params[:-2])
-        out = self._features(x, it)
+        out = self._features(x, it) if gates is None else self._features(x, it, gates=gates)
         if next(it, None) is not None:
             raise RuntimeError(f"{type(self).__name__}._features did not consume every parameter")
         return out
@@ -99,6 +114,13 @@ class Backbone(nn.Module):
 
     def _forward(self, x: Tensor, params: Iterator[Tensor]) -> Tensor:
         return F.linear(self._features(x, params), next(params), next(params))
+
+    gate_sizes: tuple[int, ...] = ()  # gated backbones: units of each gated layer
+
+    def gate_param_masks(self, unit_masks: Sequence[Tensor]) -> list[Tensor | None]:
+        """Gated backbones: a mask per parameter (see the module docstring)."""
+        raise ConfigError(f"model {type(self).__name__} has no gated layers; "
+                          f"gated models: {', '.join(gated_backbones())}")
 
     def _features(self, x: Tensor, params: Iterator[Tensor]) -> Tensor:
         raise NotImplementedError
@@ -127,6 +149,9 @@ class MLP(Backbone):
 
     init: ``kaiming_normal`` (La-MAML's learner: kaiming-normal weights, zero biases) or
     ``torch`` (PyTorch's default ``nn.Linear``: kaiming-uniform a=sqrt(5), uniform bias).
+    input_dropout / dropout: dropout on the input and after every hidden ReLU in training mode
+    (HAT's MLP: 0.2 / 0.5; default 0, no dropout). Every hidden layer is gated (HAT): its gate
+    multiplies the layer's output after the ReLU and dropout.
     """
 
     def __init__(
@@ -135,6 +160,8 @@ class MLP(Backbone):
         n_outputs: int,
         hidden: Sequence[int] = (100, 100),
         init: str = "torch",
+        input_dropout: float = 0.0,
+        dropout: float = 0.0,
         **hparams,
     ) -> None:
         super().__init__(input_shape, n_outputs, **hparams)
@@ -142,7 +169,12 @@ class MLP(Backbone):
         if init not in ("torch", "kaiming_normal"):
             raise ConfigError(f"model.init={init} is not supported; allowed: torch, "
                               "kaiming_normal")
+        for name, value in (("input_dropout", input_dropout), ("dropout", dropout)):
+            if not 0.0 <= float(value) < 1.0:
+                raise ConfigError(f"model.{name}={value} is invalid; it must be in [0, 1)")
+        self.input_dropout, self.dropout = float(input_dropout), float(dropout)
         self.hidden = tuple(int(h) for h in hidden)
+        self.gate_sizes = self.hidden
         sizes = [math.prod(self.input_shape), *self.hidden, self.n_outputs]
         self.feature_dim = sizes[-2]
         for fan_in, fan_out in itertools.pairwise(sizes):
@@ -152,11 +184,28 @@ class MLP(Backbone):
                 nn.init.zeros_(layer.bias)
             self._add(layer.weight, layer.bias)
 
-    def _features(self, x: Tensor, params: Iterator[Tensor]) -> Tensor:
+    def _features(self, x: Tensor, params: Iterator[Tensor],
+                  gates: Sequence[Tensor] | None = None) -> Tensor:
         x = x.reshape(x.shape[0], -1)
-        for _ in self.hidden:
+        if self.input_dropout:
+            x = F.dropout(x, self.input_dropout, self.training)
+        for layer in range(len(self.hidden)):
             x = F.relu(F.linear(x, next(params), next(params)))
+            if self.dropout:
+                x = F.dropout(x, self.dropout, self.training)
+            if gates is not None:
+                x = x * gates[layer]
         return x
+
+    def gate_param_masks(self, unit_masks: Sequence[Tensor]) -> list[Tensor | None]:
+        out: list[Tensor | None] = []
+        for layer, post in enumerate(unit_masks):
+            if layer == 0:  # the input pixels are not gated
+                weight = post[:, None].expand_as(self.params[0])
+            else:
+                weight = torch.minimum(post[:, None], unit_masks[layer - 1][None, :])
+            out += [weight, post]
+        return out + [None, None]  # the head
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,6 +372,7 @@ class ResNet18(Backbone):
         return out.reshape(out.shape[0], -1)
 
 
+from metacl.models.alexnet import AlexNet
 from metacl.models.conv4 import Conv4
 
 BACKBONES: dict[str, type[Backbone]] = {
@@ -330,7 +380,14 @@ BACKBONES: dict[str, type[Backbone]] = {
     "pc_cnn": PcCNN,
     "resnet18": ResNet18,
     "conv4": Conv4,
+    "alexnet": AlexNet,
 }
+
+
+def gated_backbones() -> list[str]:
+    """Names of the registered backbones with gated layers (HAT can use them)."""
+    return [name for name, cls in BACKBONES.items()
+            if cls.gate_param_masks is not Backbone.gate_param_masks]
 
 
 def build_backbone(name: str, input_shape: tuple[int, ...], n_outputs: int, **hparams) -> Backbone:

@@ -1,0 +1,148 @@
+"""HAT's reference approaches: IMM (mean, mode), SGD-frozen, Random."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from metacl.errors import ConfigError
+from metacl.methods.finetune import FrozenFeatures, Random
+from metacl.methods.imm import IMM
+from metacl.models import MLP
+from metacl.task_info import TaskInfo
+
+SHAPE = (1, 3, 3)
+INFO = TaskInfo(3, SHAPE, 6, ((0, 1), (2, 3), (4, 5)), "class")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def fake_dm(n=8):
+    tasks = []
+    for classes in INFO.task_classes:
+        y = torch.tensor(classes).repeat(n // 2)
+        tasks.append(SimpleNamespace(x_train=torch.randn(n, *SHAPE) + y[:, None, None, None],
+                                     y_train=y))
+    return SimpleNamespace(tasks=tasks, prepare_batch=lambda x, train: x.float())
+
+
+def detached(method):
+    method.optimizers = lambda: method.optimizer
+    method.manual_backward = lambda loss: loss.backward()
+    return method
+
+
+def imm(merge, **kwargs):
+    return detached(IMM(MLP(SHAPE, 6, hidden=(4,)), INFO, merge=merge, **kwargs))
+
+
+def test_mean_imm_merges_into_the_running_average():
+    method, dm = imm("mean"), fake_dm()
+    method.before_task(0, dm)
+    method.after_task(0, dm)
+    assert all(torch.equal(p, q) for p, q in zip(method.backbone.parameters(),
+                                                 method.previous.module.parameters()))
+    previous = [torch.full_like(p, 3.0) for p in method.backbone.parameters()]
+    with torch.no_grad():
+        for q, v in zip(method.previous.module.parameters(), previous):
+            q.copy_(v)
+        for p in method.backbone.parameters():
+            p.fill_(6.0)
+    method.before_task(2, dm)
+    method.after_task(2, dm)  # t = 2: (theta_2 + 2 theta_prev) / 3 = (6 + 6) / 3
+    for p, q in zip(method.backbone.parameters(), method.previous.module.parameters()):
+        assert torch.allclose(p, torch.full_like(p, 4.0)) and torch.equal(p, q)
+
+
+def test_mode_imm_merges_with_fisher_weights():
+    method, dm = imm("mode"), fake_dm()
+    params = list(method.backbone.parameters())
+    with torch.no_grad():
+        for q in method.previous.module.parameters():
+            q.fill_(1.0)
+        for p in params:
+            p.fill_(4.0)
+        for f in method.fisher:
+            f.fill_(2.0)
+        method.fisher[0][0, 0] = 0.0
+    new = [torch.ones_like(p) for p in params]
+    new[0][0, 0] = 0.0  # both Fishers zero here: the new weight is kept
+    method.merge_into(1, new)
+    # (F_new * 4 + F_old * 1) / (F_new + F_old) = (1 * 4 + 2 * 1) / 3 = 2
+    assert float(params[0][0, 0].detach()) == 4.0
+    assert torch.allclose(params[0].flatten()[1:], torch.full((params[0].numel() - 1,), 2.0))
+    assert torch.allclose(params[1], torch.full_like(params[1], 2.0))
+    # after_task adds the task's Fisher to the running sum
+    method.before_task(1, dm)
+    before = [f.clone() for f in method.fisher]
+    method.after_task(1, dm)
+    assert any(not torch.equal(a, b) for a, b in zip(method.fisher, before))
+    assert all((a >= b).all() for a, b in zip(method.fisher, before))
+
+
+def test_l2_transfer_penalty_pulls_towards_the_previous_model():
+    method, dm = imm("mean", l2_transfer=0.5), fake_dm()
+    method.before_task(0, dm)
+    method.after_task(0, dm)
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(1.0)
+    n = sum(p.numel() for p in method.backbone.parameters())
+    assert float(method.penalty().detach()) == pytest.approx(n / 2)
+    x, y = dm.tasks[1].x_train, dm.tasks[1].y_train
+    t = torch.ones_like(y)
+    ce = method.loss(method.backbone(x), y, t).detach()
+    assert float(method.objective(x, y, t).detach()) == pytest.approx(float(ce) + 0.5 * n / 2, rel=1e-5)
+    with pytest.raises(ConfigError, match="merge='median'"):
+        imm("median")
+
+
+def test_sgd_frozen_trains_only_the_head_after_the_first_task():
+    method, dm = detached(FrozenFeatures(MLP(SHAPE, 6, hidden=(4,)), INFO, lr=0.5)), fake_dm()
+    for t in range(2):
+        method.before_task(t, dm)
+        shared = [p.detach().clone() for p in method.backbone.parameters()]
+        x, y = dm.tasks[t].x_train, dm.tasks[t].y_train
+        for _ in range(3):
+            method.observe(x, y, torch.full_like(y, t))
+        moved = [not torch.equal(a, b) for a, b in zip(method.backbone.parameters(), shared)]
+        assert moved == ([True] * 4 if t == 0 else [False, False, True, True])
+        method.after_task(t, dm)
+    fresh = FrozenFeatures(MLP(SHAPE, 6, hidden=(4,)), INFO)
+    fresh.load_state_dict(method.state_dict())
+    assert [p.requires_grad for p in fresh.backbone.parameters()] == [False, False, True, True]
+
+
+def test_random_never_trains():
+    method = Random(MLP(SHAPE, 6, hidden=(4,)), INFO)
+    assert all(method.training_tasks(t, 3) == [] for t in range(3))
+
+
+def test_pnn_earlier_columns_are_frozen_and_their_outputs_kept():
+    from metacl.methods.pnn import PNN
+
+    method, dm = detached(PNN(MLP(SHAPE, 6, hidden=(5, 4)), INFO, lr=0.5)), fake_dm()
+    x0 = dm.tasks[0].x_train
+    for t in range(3):
+        method.before_task(t, dm)
+        if t:
+            with torch.no_grad():
+                before = method(x0, 0).clone()
+            column0 = [p.detach().clone() for p in method.columns[0].parameters()]
+        x, y = dm.tasks[t].x_train, dm.tasks[t].y_train
+        for _ in range(3):
+            method.observe(x, y, torch.full_like(y, t))
+        if t:
+            assert all(torch.equal(a, b) for a, b in zip(method.columns[0].parameters(), column0))
+            with torch.no_grad():
+                assert torch.equal(method(x0, 0), before)
+        method.after_task(t, dm)
+    # column 2 reads both earlier columns through its laterals, which learned
+    assert len(method.columns[2].laterals) == 2 and method.columns[2].laterals[1].grad is not None
+    with pytest.raises(ConfigError, match="needs model=mlp"):
+        PNN(torch.nn.Linear(1, 1), INFO)
