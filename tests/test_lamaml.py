@@ -383,3 +383,18 @@ def test_hand_written_mlp_glance_equals_autograd_loop(info, relu_lr, tail, zero_
     torch.testing.assert_close(fast[0], ref[0])
     for a, b in zip(fast[1] + fast[2], ref[1] + ref[2]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_dropout_mlp_takes_the_autograd_paths():
+    """The hand-written passes compute a plain MLP: with dropout, La-MAML and MER use autograd."""
+    from metacl.methods.mer import MER
+
+    torch.manual_seed(0)
+    m = LaMAML(MLP(SHAPE, N_OUT, hidden=(5,), dropout=0.5), domain_info())
+    assert not m.mlp_path and m.fast_path
+    assert make().mlp_path
+    mer = MER(MLP(SHAPE, N_OUT, hidden=(5,), dropout=0.5), domain_info())
+    called = []
+    mer._observe_autograd = lambda *a: called.append(True)
+    mer.observe(*batch(2))
+    assert called

@@ -240,6 +240,7 @@ class LaMAML(ContinualMethod):
     @property
     def mlp_path(self) -> bool:
         return (self.fast_path and self.hand_written_mlp and isinstance(self.backbone, MLP)
+                and self.backbone.plain
                 and self.inner_batches is None and self.inner_grad_clamp is None
                 and type(self).loss is ContinualMethod.loss)
 

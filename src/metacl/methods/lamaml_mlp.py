@@ -57,6 +57,8 @@ class MLPGlance:
     """
 
     def __init__(self, mlp, k: int, like: Tensor):
+        if not mlp.plain:
+            raise ValueError("MLPGlance computes a plain ReLU MLP (no dropout)")
         opts = {"device": like.device, "dtype": like.dtype}
         shapes = [tuple(p.shape) for p in mlp.parameters()]
         numels = [p.numel() for p in mlp.parameters()]

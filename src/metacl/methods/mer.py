@@ -65,7 +65,8 @@ class MER(ContinualMethod):
         torch._foreach_copy_(params, start)
 
     def observe(self, x, y, t):
-        if isinstance(self.backbone, MLP) and type(self).loss is ContinualMethod.loss:
+        if (isinstance(self.backbone, MLP) and self.backbone.plain
+                and type(self).loss is ContinualMethod.loss):
             return self._observe_mlp(x, y, t)
         return self._observe_autograd(x, y, t)
 

@@ -197,6 +197,12 @@ class MLP(Backbone):
                 x = x * gates[layer]
         return x
 
+    @property
+    def plain(self) -> bool:
+        """Linear + ReLU layers only (no dropout): what the hand-written backward passes of
+        La-MAML's MLP glance and of metacl.models.mlp_grad compute."""
+        return not (self.input_dropout or self.dropout)
+
     def gate_param_masks(self, unit_masks: Sequence[Tensor]) -> list[Tensor | None]:
         out: list[Tensor | None] = []
         for layer, post in enumerate(unit_masks):

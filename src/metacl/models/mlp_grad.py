@@ -25,6 +25,8 @@ class MLPGrad:
     """
 
     def __init__(self, mlp: MLP, like: Tensor):
+        if not mlp.plain:
+            raise ValueError("MLPGrad computes a plain ReLU MLP's gradient (no dropout)")
         shapes = [tuple(p.shape) for p in mlp.parameters()]
         numels = [p.numel() for p in mlp.parameters()]
         self.g = torch.zeros(sum(numels), device=like.device, dtype=like.dtype)
