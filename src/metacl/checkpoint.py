@@ -41,8 +41,7 @@ STEP_FILE = "step.ckpt"
 # Keys that may change between a run and its resumption without refusing it: where things
 # are, how they are logged, how often checkpoints are taken, and the resume request itself.
 IGNORED_KEYS = ("resume", "checkpoint", "save_checkpoints", "logger", "data_dir", "paths",
-                "hydra")
-# Resume modes (resume.path): a new run, the run in this job's folder, or a given folder.
+                "hydra", "dataset.data_dir", "dataset.download")
 FINISHED = "completed"
 
 
@@ -100,15 +99,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # ------------------------------------------------------------------------------ config
-def comparable_config(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in IGNORED_KEYS}
-
-
-def config_hash(config: dict) -> str:
-    text = json.dumps(comparable_config(config), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _flatten(value, prefix: str = "") -> dict:
     if isinstance(value, dict):
         out = {}
@@ -118,9 +108,20 @@ def _flatten(value, prefix: str = "") -> dict:
     return {prefix.rstrip("."): value}
 
 
+def comparable_config(config: dict) -> dict:
+    """The config as dotted keys, without the keys a resumed run may change (IGNORED_KEYS)."""
+    return {k: v for k, v in _flatten(config).items()
+            if not any(k == i or k.startswith(i + ".") for i in IGNORED_KEYS)}
+
+
+def config_hash(config: dict) -> str:
+    text = json.dumps(comparable_config(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def config_diff(stored: dict, current: dict) -> list[str]:
     """Dotted keys whose values differ (or exist on one side only), ignored keys left out."""
-    a, b = _flatten(comparable_config(stored)), _flatten(comparable_config(current))
+    a, b = comparable_config(stored), comparable_config(current)
     return sorted(k for k in a.keys() | b.keys() if a.get(k, "<missing>") != b.get(k, "<missing>"))
 
 

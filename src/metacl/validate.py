@@ -218,10 +218,26 @@ def check_task_ids(cfg: DictConfig, protocol: str) -> None:
                           "allowed: a class_split dataset")
 
 
+_MODEL_CHECKS: dict[str, str | None] = {}  # model config + shape -> problem (None = fits)
+
+
 def check_model_input(cfg: DictConfig, shape: tuple[int, ...] | None, n_outputs: int) -> None:
-    """Build the backbone for the dataset's input shape and run it on one zero batch."""
+    """Build the backbone for the dataset's input shape and run it on one zero sample."""
     if shape is None:
         return
+    import json
+
+    from omegaconf import OmegaConf
+
+    key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True), shape, n_outputs],
+                     default=str)
+    if key not in _MODEL_CHECKS:  # the same model/input in a sweep or a test: checked once
+        _MODEL_CHECKS[key] = _model_problem(cfg, shape, n_outputs)
+    if _MODEL_CHECKS[key]:
+        raise ConfigError(_MODEL_CHECKS[key])
+
+
+def _model_problem(cfg: DictConfig, shape: tuple[int, ...], n_outputs: int) -> str | None:
     import torch
     from hydra.utils import instantiate
 
@@ -232,15 +248,20 @@ def check_model_input(cfg: DictConfig, shape: tuple[int, ...] | None, n_outputs:
         model = instantiate(cfg.model, input_shape=shape, n_outputs=n_outputs)
         with torch.no_grad():
             model.eval()
-            out = model(torch.zeros(2, *shape))
+            out = model(torch.zeros(1, *shape))
     except Exception as err:  # noqa: BLE001  (any failure means the shapes do not fit)
-        if user_error(err) is not None:
-            raise
-        raise ConfigError(f"model {name} cannot take the dataset's input {tuple(shape)} "
-                          f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); pick a "
-                          "model for this input size (README: Configuration)") from err
+        found = user_error(err)
+        if found is not None:
+            return str(found)
+        cause = err
+        while cause.__cause__ is not None:  # Hydra wraps the model's own error
+            cause = cause.__cause__
+        return (f"model={name} cannot take the dataset's input {tuple(shape)} "
+                f"({type(cause).__name__}: {str(cause).splitlines()[0][:120]}); allowed: a "
+                "model for this input (README: Configuration)")
     if out.shape[-1] != n_outputs:
-        raise ConfigError(f"model {name} gives {out.shape[-1]} outputs for {n_outputs} classes")
+        return f"model={name} gives {out.shape[-1]} outputs for {n_outputs} classes"
+    return None
 
 
 def check_writable(out_dir: Path) -> None:
@@ -273,8 +294,7 @@ def validate_config(cfg: DictConfig) -> str:
         check_model_input(cfg, shape, facts["classes"])
     else:
         shape = check_episodic_dataset(cfg.dataset)
-        ways = int(cfg.dataset.get("ways") or 1)
-        if cfg.dataset.get("source") != "sinusoid":
-            check_model_input(cfg, shape, ways)
+        regression = cfg.dataset.get("source") == "sinusoid"
+        check_model_input(cfg, shape, 1 if regression else int(cfg.dataset.get("ways") or 1))
     check_writable(Path(str(cfg.paths.output_dir)))
     return protocol
