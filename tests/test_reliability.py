@@ -340,3 +340,48 @@ def test_killed_subprocesses_resume_to_the_uninterrupted_matrix(compose, tmp_pat
         assert resumed["status"] == "completed"
         for key in MATRIX_KEYS:
             assert resumed[key] == full[m][key], (m, key)
+
+
+# ------------------------------------------------------------------------------ SLURM
+def test_preemption_saves_hands_over_to_submitit_and_the_requeued_job_resumes(
+        compose, tmp_path, monkeypatch):
+    """submitit turns SIGUSR2 (pre-emption / time limit) into checkpoint-and-requeue: the run
+    saves first, then lets submitit's handler requeue and exit; the requeued job (same
+    overrides, same folder, SUBMITIT_EXECUTOR set) resumes on its own (resume.auto: null)."""
+    common = ["debug=fast", "method=er", "checkpoint.every_n_steps=0"]
+    run_main(compose([*common, f"paths.output_dir={tmp_path / 'full'}"]))
+    out = tmp_path / "job"
+    requeued = []
+
+    def submitit_handler(signum, frame):  # what submitit's checkpoint_and_try_requeue ends in
+        requeued.append((signum, (out / "checkpoints" / checkpoint.STEP_FILE).exists()))
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        _stop_at(monkeypatch, 6, signal.SIGUSR2)
+        with pytest.raises(SystemExit):
+            run_main(compose([*common, f"paths.output_dir={out}"]))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert requeued == [(signal.SIGUSR2, True)]  # saved before submitit took over
+    assert _results(out)["status"] == "interrupted"
+    monkeypatch.setattr(run_module._InTaskCheckpoints, "__call__", _ORIGINAL_CALL)
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # set by submitit in every job
+    run_main(compose([*common, f"paths.output_dir={out}"]))
+    full, resumed = _results(tmp_path / "full"), _results(out)
+    assert resumed["status"] == "completed"
+    for key in MATRIX_KEYS:
+        assert resumed[key] == full[key], key
+
+
+def test_submitit_launcher_requeues_the_same_job():
+    """hydra-submitit-launcher's checkpoint() (called by submitit on pre-emption) resubmits the
+    launcher itself with the job's own arguments: same overrides, same job folder."""
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+
+    launcher = BaseSubmititLauncher(partition="gpu")
+    args = (["method=er", "seed=1"], "hydra.sweep.dir", 3, "job_id_for_3", {})
+    delayed = launcher.checkpoint(*args)
+    assert delayed.function is launcher and delayed.args == args

@@ -286,8 +286,8 @@ def failure_status(err: BaseException) -> str:
     (a stop signal; a checkpoint was saved, resume with resume=true), else `failed: ...`."""
     if isinstance(err, DivergedError):
         return "diverged"
-    if isinstance(err, Interrupted):
-        return "interrupted"
+    if isinstance(err, Interrupted | KeyboardInterrupt | SystemExit):
+        return "interrupted"  # SystemExit: submitit requeues the job after our checkpoint
     return f"failed: {type(err).__name__}: {err}"
 
 
