@@ -218,7 +218,8 @@ def test_cli_unknown_option_and_bad_value_exit_2_with_one_line(tmp_path, previou
     assert unknown.returncode == EXIT_USER_ERROR
     assert unknown.stderr.strip().splitlines() == [unknown.stderr.strip()]  # one line
     assert "method=lamaml2" in unknown.stderr and "lamaml, " in unknown.stderr
-    bad = _train_py(["debug=fast", "method.lr=-1", f"hydra.run.dir={previous_run}"], tmp_path)
+    bad = _train_py(["debug=fast", "method=er", "method.lr=-1", f"hydra.run.dir={previous_run}"],
+                    tmp_path)
     assert bad.returncode == EXIT_USER_ERROR and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: method.lr=-1")
     assert (previous_run / "results.json").read_text() == before

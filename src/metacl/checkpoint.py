@@ -26,6 +26,7 @@ import json
 import os
 import random
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def load(path: Path) -> dict:
     """A checkpoint, loaded safely (weights_only: no arbitrary pickle is executed)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (truncated, foreign or tampered file)
+    except Exception as err:
         raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:160]}); delete it to start over") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
@@ -278,9 +279,7 @@ class StopSignals:
         self.pending: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> StopSignals:
-        import threading
-
+    def __enter__(self):
         if threading.current_thread() is not threading.main_thread():
             return self  # signals can only be handled on the main thread
         for name in STOP_SIGNALS:

@@ -30,7 +30,7 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
@@ -39,11 +39,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from metacl import checkpoint
 from metacl.checkpoint import Interrupted, StopSignals, plan_resume, resume_request
 from metacl.cli import user_error as find_user_error
-from metacl.resolvers import is_set
 from metacl.errors import ConfigError
-from metacl.validate import check_writable, validate_config
 from metacl.metrics import METRIC_KEYS, compute_metrics, partial_metrics
 from metacl.metrics.plots import save_matrix_csv, save_matrix_heatmap
+from metacl.resolvers import is_set
+from metacl.validate import check_writable, validate_config
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -588,8 +588,8 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
         mark_stopped(results, err)
         save_results()
         if isinstance(err, Interrupted):
-            console.print(f"{err}: resume with  python train.py <same overrides> "
-                          f"resume.path={out_dir}")
+            console.print(f"checkpoint saved; resume with: python train.py <same overrides> "
+                          f"resume={out_dir}", soft_wrap=True)
         try:
             run_logger.finish(summary(), "failed", files=[str(results_path)])
         except Exception as log_err:  # noqa: BLE001  (never hide the real error behind it)
