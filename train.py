@@ -6,8 +6,14 @@ import os
 # spinning made small-tensor training up to 10x slower. Set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
+
+from metacl.cli import EXIT_USER_ERROR, unknown_choice
+from metacl.resolvers import expand_aliases  # also registers ${metacl.run_dir:...}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -19,4 +25,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = expand_aliases(sys.argv[1:])  # resume=X means resume.path=X
+    problem = unknown_choice(sys.argv[1:], Path(__file__).resolve().parent / "conf")
+    if problem:  # before Hydra creates an output folder
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     main()

@@ -12,7 +12,8 @@ def _dm(**kwargs):
 def test_one_epoch_streams_every_sample_of_the_task_once():
     dm = _dm()
     dm.set_task(1)
-    xs, _ys, ts = zip(*dm.train_dataloader())
+    # Batches come raw; Lightning runs on_after_batch_transfer (model input) before each step.
+    xs, _ys, ts = zip(*(dm.on_after_batch_transfer(b, 0) for b in dm.train_dataloader()))
     assert len(xs) == len(dm.train_dataloader()) == 7  # ceil(50 / 8)
     assert set(torch.cat(ts).tolist()) == {1}
     assert torch.cat(xs).dtype == torch.float32 and torch.cat(xs).max() <= 1.0

@@ -338,7 +338,7 @@ def test_baseline_experiment_runs(compose, tmp_path):
 
 
 def test_cli_protocol_mismatch_is_one_line(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}  # no traceback
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "debug=fast", "method=maml"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
                          check=False)

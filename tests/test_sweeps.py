@@ -120,8 +120,9 @@ def test_diverging_single_run_raises_and_records_the_failure(compose, tmp_path):
     cfg = compose(["debug=fast", f"paths.output_dir={tmp_path}", "method=er", "method.lr=inf"])
     with pytest.raises(DivergedError):
         run_main(cfg)
-    status = json.loads((tmp_path / "results.json").read_text())["status"]
-    assert status.startswith("failed: DivergedError")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "diverged"
+    assert results["error"].startswith("DivergedError: training loss became")
 
 
 def test_failing_jobs_of_a_multirun_are_recorded_and_return_nan(compose, tmp_path,
@@ -132,7 +133,8 @@ def test_failing_jobs_of_a_multirun_are_recorded_and_return_nan(compose, tmp_pat
     cfg = compose(["debug=fast", f"paths.output_dir={diverged}", "method=er", "method.lr=inf"])
     assert math.isnan(run_main(cfg))
     results = json.loads((diverged / "results.json").read_text())
-    assert results["status"].startswith("failed: DivergedError: training loss became nan")
+    assert results["status"] == "diverged"
+    assert results["error"].startswith("DivergedError: training loss became nan in task 0")
 
     crashed = tmp_path / "crashed"  # fails before any result exists: a skeleton is written
     cfg = compose(["debug=fast", f"paths.output_dir={crashed}", "dataset.source=floppy"])
@@ -208,7 +210,7 @@ def test_submitit_local_two_job_sweep_runs_end_to_end(submitit_sweep):
     assert results["config"]["hydra"]["mode"] == "MULTIRUN"
     # the diverging job is recorded as failed and did not stop the other one
     failed = json.loads((diverged / "results.json").read_text())
-    assert failed["status"].startswith("failed: DivergedError")
+    assert failed["status"] == "diverged" and failed["error"].startswith("DivergedError")
 
 
 def _wandb_run(job: Path) -> Path:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from metacl.errors import MetaclError
 
@@ -21,11 +23,36 @@ def user_error(err: BaseException) -> MetaclError | None:
 def run_with_clean_errors(fn, *args):
     # Raised inside the Hydra task function: Hydra would print a traceback and exit 1 for any
     # Exception, but lets SystemExit through, so the user sees only our one line.
+    from metacl.checkpoint import Interrupted
+
     try:
         return fn(*args)
+    except Interrupted as err:  # SIGINT/SIGTERM: the checkpoint is saved; 130 / 143
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except Exception as err:
         found = user_error(err)
         if found is None:
             raise
         print(f"error: {found}", file=sys.stderr)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise  # the traceback too, as Hydra does for its own errors
         sys.exit(EXIT_USER_ERROR)
+
+
+def unknown_choice(argv: list[str], conf_dir: Path) -> str | None:
+    """One line for `group=option` arguments naming an option that has no yaml (Hydra's own
+    message spans a dozen lines), e.g. `method=foo is not an option; allowed: agem, ...`."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        group = key.lstrip("+~")
+        folder = conf_dir / group
+        if not sep or group.startswith("hydra") or not folder.is_dir() or "," in value:
+            continue  # not a config group, or a multirun sweep over several options
+        if value in ("null", "") or (folder / f"{value}.yaml").is_file():
+            continue
+        options = sorted(str(p.relative_to(folder).with_suffix(""))
+                         for p in folder.rglob("*.yaml"))
+        shown = ", ".join(options[:30]) + (", ..." if len(options) > 30 else "")
+        return f"{group}={value} is not an option of '{group}'; allowed: {shown}"
+    return None

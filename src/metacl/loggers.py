@@ -103,7 +103,15 @@ def resolve_wandb_mode(mode: str) -> str:
         return os.environ["WANDB_MODE"]
     if mode != "auto":
         return mode
-    return "online" if _wandb_logged_in() and _wandb_reachable() else "offline"
+    if not _wandb_logged_in():
+        reason = "not logged in (wandb login)"
+    elif not _wandb_reachable():
+        reason = "the W&B server does not answer"
+    else:
+        return "online"
+    print(f"W&B: {reason}; logging offline into the run folder (wandb sync it later)",
+          file=sys.stderr)
+    return "offline"
 
 
 class WandbRunLogger(NullRunLogger):

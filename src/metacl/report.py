@@ -152,7 +152,10 @@ def load_run(path: Path) -> Run:
     validation = data.get("validation") or {}
     for key, value in (validation.get("metrics") or {}).items():
         metrics[f"val/{key}"] = value
-    return Run(path=Path(path), status=str(data.get("status", "unknown")), dataset=dataset,
+    status = str(data.get("status", "unknown"))
+    if data.get("error") and status != "completed":  # diverged / interrupted: say why
+        status = f"{status}: {data['error']}"
+    return Run(path=Path(path), status=status, dataset=dataset,
                method=method, seed=config.get("seed"), config=config, metrics=metrics,
                matrix=data.get("accuracy_matrix") or [], settings=_settings(config))
 

@@ -30,16 +30,20 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from metacl import checkpoint
+from metacl.checkpoint import Interrupted, StopSignals, plan_resume, resume_request
 from metacl.cli import user_error as find_user_error
 from metacl.errors import ConfigError
 from metacl.metrics import METRIC_KEYS, compute_metrics, partial_metrics
 from metacl.metrics.plots import save_matrix_csv, save_matrix_heatmap
+from metacl.resolvers import is_set
+from metacl.validate import check_writable, validate_config
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -69,10 +73,11 @@ def _check_finite_loss(loss: float, task: int, step: int) -> None:
         raise DivergedError(f"training loss became {loss} in task {task} (batch {step})")
 
 
-def _check_finite_weights(method, task: int) -> None:
+def _check_finite_weights(method, task: int, step: int | None = None) -> None:
     params = [p for p in method.parameters() if p.is_floating_point()]
     if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-        raise DivergedError(f"weights became NaN or infinite in task {task}")
+        where = f"task {task}" + (f" (batch {step})" if step is not None else "")
+        raise DivergedError(f"weights became NaN or infinite in {where}")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -81,13 +86,18 @@ def _synchronize(device: torch.device) -> None:
 
 
 class StreamCallback(pl.Callback):
-    """Times the training loop, drives the progress bar and logs the loss every few batches."""
+    """Times the training loop, drives the progress bar and logs the loss every few batches.
+
+    `on_batch(step, batch_in_epoch, epoch)`, if given, runs after every batch (the continual
+    loop's in-task checkpoints and stop signals)."""
 
     def __init__(self, progress: Progress, bar, run_logger, step: int, task: int,
-                 log_every: int = 50):
+                 log_every: int = 50, on_batch=None):
         self.progress, self.bar, self.run_logger = progress, bar, run_logger
         self.step, self.task, self.log_every = step, task, log_every
+        self.on_batch = on_batch
         self.seconds = 0.0
+        self.started: float | None = None
 
     def on_train_start(self, trainer, pl_module):
         _synchronize(pl_module.device)
@@ -96,6 +106,12 @@ class StreamCallback(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         _synchronize(pl_module.device)
         self.seconds += time.perf_counter() - self.started
+        self.started = None
+
+    def elapsed(self) -> float:
+        """Training seconds so far, including the epoch in progress."""
+        running = 0.0 if self.started is None else time.perf_counter() - self.started
+        return self.seconds + running
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.step += 1
@@ -105,6 +121,8 @@ class StreamCallback(pl.Callback):
             self.run_logger.log_metrics({"train/loss": loss, "task": self.task}, self.step)
             self.progress.update(self.bar, loss=f"{loss:.3f}")
         self.progress.advance(self.bar)
+        if self.on_batch is not None:
+            self.on_batch(self, trainer, pl_module, batch_idx)
 
 
 @torch.no_grad()
@@ -283,20 +301,39 @@ def new_results(config: dict, matrix, agnostic, status: str = "running") -> dict
     }
 
 
+def failure_status(err: BaseException) -> str:
+    """results.json's status for a run that stopped early: `diverged` (NaN/inf), `interrupted`
+    (a stop signal; a checkpoint was saved, resume with resume=true), else `failed: ...`."""
+    if isinstance(err, DivergedError):
+        return "diverged"
+    if isinstance(err, Interrupted | KeyboardInterrupt | SystemExit):
+        return "interrupted"  # SystemExit: submitit requeues the job after our checkpoint
+    return f"failed: {type(err).__name__}: {err}"
+
+
+def mark_stopped(results: dict, err: BaseException) -> None:
+    """Record why a run stopped: `status` plus the one-line reason in `error`."""
+    results["status"] = failure_status(err)
+    results["error"] = f"{type(err).__name__}: {err}"
+
+
 def _record_failed_job(cfg: DictConfig, job: JobInfo, err: Exception) -> float:
-    status = f"failed: {type(err).__name__}: {err}"
     out_dir = Path(str(cfg.paths.output_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.json"
+    user_error = find_user_error(err)
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
-        results = new_results(resolved_config(cfg, job), matrix=[], agnostic=None,
-                              status=status)
-    if not str(results.get("status", "")).startswith("failed"):
-        results["status"] = status
-    _atomic_write(path, lambda p: p.write_text(json.dumps(results, indent=2)))
-    user_error = find_user_error(err)
+        results = None
+    if results is None:
+        results = new_results(resolved_config(cfg, job), matrix=[], agnostic=None)
+        mark_stopped(results, err)
+    elif results.get("status") == "running":
+        mark_stopped(results, err)
+    # A bad config never rewrites an existing run's results (e.g. a refused resume).
+    if user_error is None or not path.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, lambda p: p.write_text(json.dumps(results, indent=2)))
     if user_error is not None:
         print(f"error: {user_error}", file=sys.stderr)
     elif not isinstance(err, DivergedError):  # a bug: keep its traceback in the job's log
@@ -311,30 +348,93 @@ def _main(cfg: DictConfig) -> float:
     for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.WARNING)
     out_dir = Path(cfg.paths.output_dir)
+    # Everything that can be checked from the config alone is checked before any data is
+    # loaded and before anything is written (metacl.validate).
+    protocol = validate_config(cfg)
+    device = resolve_device(cfg.trainer.accelerator)
+    plan = None
+    if protocol == "continual":
+        plan = plan_resume(cfg, out_dir, resolved_config(cfg, job_info(cfg)))
+        if plan is not None and plan.finished:
+            return _report_finished(cfg, plan)
+    elif is_set(resume_request(cfg)[0]):
+        raise ConfigError("resume is supported for continual runs; a few-shot run starts over "
+                          "(leave resume unset)")
+    check_writable(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, verbose=False)
-
-    device = resolve_device(cfg.trainer.accelerator)
-    # Checked on the classes, before any data is loaded.
-    protocol = getattr(get_class(cfg.dataset._target_), "protocol", "continual")
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"dataset protocol '{protocol}' is unknown; allowed: "
-                          f"{', '.join(PROTOCOLS)}")
-    method_protocol = getattr(get_class(cfg.method._target_), "protocol", "continual")
-    if method_protocol != protocol:
-        raise ConfigError(
-            f"method {cfg.method._target_.rsplit('.', 1)[-1]} runs on {method_protocol} "
-            f"datasets, not on {cfg.dataset._target_.rsplit('.', 1)[-1]} ({protocol}); "
-            f"pick a {method_protocol} dataset (docs/methods.md)")
     dm = instantiate(cfg.dataset).build().to(device)
     module_name, function_name = PROTOCOLS[protocol].split(":")
     runner = getattr(importlib.import_module(module_name), function_name)
+    if protocol == "continual":
+        return runner(cfg, dm, device, out_dir, started, resume=plan)
     return runner(cfg, dm, device, out_dir, started)
 
 
+def _metric_values(results: dict) -> dict:
+    m, val = results["metrics"], results.get("validation")
+    values = {**m, **{f"test/{k}": v for k, v in m.items()}}
+    if val:
+        values.update({f"val/{k}": v for k, v in val["metrics"].items()})
+    return values
+
+
+def _report_finished(cfg: DictConfig, plan) -> float:
+    results = plan.boundary["results"]
+    console.print(f"{plan.out_dir} already completed; nothing to resume. "
+                  f"results: {plan.out_dir / 'results.json'}")
+    return _metric_values(results)[cfg.get("optimized_metric", "RA")]
+
+
+class _InTaskCheckpoints:
+    """Saves step.ckpt every `every` batches and when a stop signal is pending (then stops)."""
+
+    def __init__(self, method, dm, path: Path, every: int, signals: StopSignals,
+                 enabled: bool):
+        self.method, self.dm, self.path, self.every = method, dm, path, every
+        self.signals, self.enabled = signals, enabled
+        self.task = 0
+        self.base: dict = {}  # what the step checkpoint repeats from the loop's state
+
+    def __call__(self, stream: StreamCallback, trainer, pl_module, batch_idx: int) -> None:
+        stop = self.signals.pending
+        due = self.every > 0 and stream.step % self.every == 0
+        if not (stop is not None or due):
+            return
+        if self.enabled:
+            self.save(stream, trainer, batch_idx)
+        if stop is not None:
+            self.signals.hand_over(stop)
+
+    def save(self, stream: StreamCallback, trainer, batch_idx: int) -> None:
+        method, loader = self.method, self.dm.train_loader
+        if method.last_loss is not None:  # never checkpoint a diverged state
+            _check_finite_loss(float(method.last_loss), self.task, stream.step)
+        _check_finite_weights(method, self.task, stream.step)
+        done = loader.epoch_start_batch + batch_idx + 1
+        epoch = trainer.current_epoch
+        order = loader.order
+        if done >= len(loader):  # the epoch is over: resume at the next one
+            epoch, done, order = epoch + 1, 0, None
+        state = {
+            **self.base,
+            **checkpoint.capture(method),
+            "kind": "step",
+            "step": stream.step,
+            "train_seconds": self.base["train_seconds"] + stream.elapsed(),
+            "position": {"task": self.task, "epoch": epoch, "batch": done,
+                         "order": None if order is None else order.cpu()},
+        }
+        checkpoint.atomic_save(state, self.path)
+
+
 def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
-                  started: float) -> float:
-    """The continual loop (module docstring); returns cfg.optimized_metric."""
+                  started: float, resume=None) -> float:
+    """The continual loop (module docstring); returns cfg.optimized_metric.
+
+    `resume` (a metacl.checkpoint.ResumePlan) continues a checkpointed run: from the task
+    boundary in last.ckpt, then, if step.ckpt holds a position inside the next task, from there.
+    """
     info = dm.task_info
     has_val = bool(getattr(dm, "has_validation", False))
     metric = cfg.get("optimized_metric", "RA")
@@ -356,12 +456,28 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
     if has_val:  # task-aware accuracies on the held-out validation split (hparam search)
         results["validation"] = {"accuracy_matrix": [], "accuracy_before": None,
                                  "metrics": None}
-    val = results.get("validation")
     results_path = out_dir / "results.json"
+    ckpt_dir = out_dir / "checkpoints"
+    save_ckpts = bool(cfg.get("save_checkpoints", True))
+    every = int(cfg.get("checkpoint", {}).get("every_n_steps", 0) or 0)
+    elapsed_before = 0.0  # total seconds of the runs this one continues
 
     def save_results():
-        results["timing"]["total_seconds"] = time.perf_counter() - started
+        results["timing"]["total_seconds"] = elapsed_before + time.perf_counter() - started
         _atomic_write(results_path, lambda p: p.write_text(json.dumps(results, indent=2)))
+
+    def save_boundary(tasks_done: int) -> None:
+        """last.ckpt: everything needed to go on with task `tasks_done` (module docstring of
+        metacl.checkpoint); the in-task checkpoint of the finished task is obsolete."""
+        if not save_ckpts:
+            return
+        ckpt_dir.mkdir(exist_ok=True)
+        state = {"format": checkpoint.FORMAT_VERSION, "kind": "boundary",
+                 "config": config, "config_hash": checkpoint.config_hash(config),
+                 "tasks_done": tasks_done, "step": step, "results": results,
+                 "variant_rows": variant_rows, **checkpoint.capture(method)}
+        checkpoint.atomic_save(state, ckpt_dir / checkpoint.BOUNDARY_FILE)
+        (ckpt_dir / checkpoint.STEP_FILE).unlink(missing_ok=True)
 
     def summary() -> dict:
         values = dict(results["metrics"] or {})
@@ -375,68 +491,108 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
                         MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                         TimeElapsedColumn(), console=console, transient=True)
     step = 0
+    first_task = 0
     variant_rows = {variant: [] for variant in method.eval_variants}
     png = out_dir / "accuracy_matrix.png"
+    signals = StopSignals()
+    in_task = _InTaskCheckpoints(method, dm, ckpt_dir / checkpoint.STEP_FILE, every, signals,
+                                 save_ckpts)
+    if resume is not None:
+        boundary = resume.boundary
+        results = boundary["results"]
+        results.pop("error", None)
+        results.update(config=config, status="running")
+        variant_rows = {v: list(boundary["variant_rows"].get(v, [])) for v in variant_rows}
+        step, first_task = int(boundary["step"]), int(boundary["tasks_done"])
+        elapsed_before = float(results["timing"]["total_seconds"])
+        checkpoint.restore(method, boundary)
+        where = (f"task {first_task}" if resume.step is None else
+                 f"task {first_task}, batch {resume.step['step']}")
+        console.print(f"resuming {out_dir} at {where}" + (
+            f" (config differs at {', '.join(resume.config_diff)}; resume.force=true)"
+            if resume.config_diff else ""))
+    val = results.get("validation")
     try:
-        before, _ = evaluate(method, dm, 0)
-        results["accuracy_before"] = before
-        if val:
-            val["accuracy_before"] = evaluate(method, dm, 0, split="val")[0]
-        with progress:
-            for t in range(info.n_tasks):
-                method.before_task(t, dm)
-                train_tasks = method.training_tasks(t, info.n_tasks)
-                if train_tasks:
-                    dm.set_task(t, train_tasks)
-                    n_batches = len(dm.train_dataloader()) * int(cfg.trainer.max_epochs)
-                    bar = progress.add_task("", total=n_batches, task=f"{t + 1}/{info.n_tasks}",
-                                            loss="-")
-                    callback = StreamCallback(progress, bar, run_logger, step, t)
-                    trainer = pl.Trainer(
-                        **cfg.trainer, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0,
-                        callbacks=[callback] + ([schedule] if schedule is not None else []),
-                    )
-                    trainer.fit(method, datamodule=dm)
-                    step = callback.step
-                    results["timing"]["train_seconds"] += callback.seconds
-                    progress.remove_task(bar)
-                    if method.last_loss is not None:
-                        _check_finite_loss(float(method.last_loss), t, step)
-                method.after_task(t, dm)
-                _check_finite_weights(method, t)
-
-                aware, agnostic = evaluate(method, dm, t + 1)
-                for variant in method.eval_variants:
-                    variant_rows[variant].append(evaluate(method, dm, t + 1, variant)[0])
-                results["accuracy_matrix"].append(aware)
-                if info.multi_head:
-                    results["accuracy_matrix_agnostic"].append(agnostic)
-                done = results["accuracy_matrix"]
-                results["metrics"] = partial_metrics(done, before)
-                so_far = {f"test/{k}": v for k, v in results["metrics"].items()}
-                method_metrics = method.task_metrics()  # e.g. HAT's units used per layer
-                if method_metrics:
-                    results.setdefault("method_metrics", []).append(method_metrics)
-                    so_far.update(method_metrics)
+        with signals:
+            if resume is None:
+                before, _ = evaluate(method, dm, 0)
+                results["accuracy_before"] = before
                 if val:
-                    val["accuracy_matrix"].append(evaluate(method, dm, t + 1, split="val")[0])
-                    val["metrics"] = partial_metrics(val["accuracy_matrix"],
-                                                     val["accuracy_before"])
-                    so_far.update({f"val/{k}": v for k, v in val["metrics"].items()})
+                    val["accuracy_before"] = evaluate(method, dm, 0, split="val")[0]
                 save_results()
-                heatmap = None
-                if run_logger.wants_images:  # the matrix so far, as an image per task
-                    save_matrix_heatmap(done, png, title=f"{run_name}: after task {t}")
-                    heatmap = str(png)
-                run_logger.log_task(t, aware, so_far, step, heatmap)
-                if cfg.get("save_checkpoints", True):
-                    ckpt_dir = out_dir / "checkpoints"
-                    ckpt_dir.mkdir(exist_ok=True)
-                    state = {"method_state": method.state_dict(), "tasks_done": t + 1,
-                             "accuracy_matrix": done, "accuracy_before": before}
-                    _atomic_write(ckpt_dir / "last.ckpt", lambda p, state=state: torch.save(state, p))
+                save_boundary(0)  # so a stop inside the first task can resume too
+            before = results["accuracy_before"]
+            with progress:
+                for t in range(first_task, info.n_tasks):
+                    in_task.task = t
+                    in_task.base = {"format": checkpoint.FORMAT_VERSION,
+                                    "config_hash": checkpoint.config_hash(config),
+                                    "train_seconds": results["timing"]["train_seconds"]}
+                    method.before_task(t, dm)
+                    position = None
+                    if resume is not None and resume.step is not None and t == first_task:
+                        # Inside task t: before_task ran from the boundary as it did originally;
+                        # now the state of the last in-task checkpoint goes over it.
+                        checkpoint.restore(method, resume.step)
+                        position = resume.step["position"]
+                        step = int(resume.step["step"])
+                        results["timing"]["train_seconds"] = float(resume.step["train_seconds"])
+                        in_task.base["train_seconds"] = results["timing"]["train_seconds"]
+                    train_tasks = method.training_tasks(t, info.n_tasks)
+                    max_epochs = int(cfg.trainer.max_epochs)
+                    start_epoch = 0 if position is None else int(position["epoch"])
+                    if train_tasks and start_epoch < max_epochs:
+                        dm.set_task(t, train_tasks)
+                        n_batches = len(dm.train_dataloader()) * max_epochs
+                        bar = progress.add_task("", total=n_batches,
+                                                task=f"{t + 1}/{info.n_tasks}", loss="-")
+                        callback = StreamCallback(progress, bar, run_logger, step, t,
+                                                  on_batch=in_task)
+                        trainer = pl.Trainer(
+                            **cfg.trainer, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0,
+                            callbacks=[callback] + ([schedule] if schedule is not None else []),
+                        )
+                        if position is not None:
+                            _start_inside_task(trainer, dm, position, progress, bar)
+                        trainer.fit(method, datamodule=dm)
+                        step = callback.step
+                        results["timing"]["train_seconds"] += callback.seconds
+                        progress.remove_task(bar)
+                        if method.last_loss is not None:
+                            _check_finite_loss(float(method.last_loss), t, step)
+                    method.after_task(t, dm)
+                    _check_finite_weights(method, t, step)
+
+                    aware, agnostic = evaluate(method, dm, t + 1)
+                    for variant in method.eval_variants:
+                        variant_rows[variant].append(evaluate(method, dm, t + 1, variant)[0])
+                    results["accuracy_matrix"].append(aware)
+                    if info.multi_head:
+                        results["accuracy_matrix_agnostic"].append(agnostic)
+                    done = results["accuracy_matrix"]
+                    results["metrics"] = partial_metrics(done, before)
+                    so_far = {f"test/{k}": v for k, v in results["metrics"].items()}
+                    method_metrics = method.task_metrics()  # e.g. HAT's units used per layer
+                    if method_metrics:
+                        results.setdefault("method_metrics", []).append(method_metrics)
+                        so_far.update(method_metrics)
+                    if val:
+                        val["accuracy_matrix"].append(
+                            evaluate(method, dm, t + 1, split="val")[0])
+                        val["metrics"] = partial_metrics(val["accuracy_matrix"],
+                                                         val["accuracy_before"])
+                        so_far.update({f"val/{k}": v for k, v in val["metrics"].items()})
+                    save_results()
+                    save_boundary(t + 1)
+                    heatmap = None
+                    if run_logger.wants_images:  # the matrix so far, as an image per task
+                        save_matrix_heatmap(done, png, title=f"{run_name}: after task {t}")
+                        heatmap = str(png)
+                    run_logger.log_task(t, aware, so_far, step, heatmap)
+                    if signals.pending is not None and t + 1 < info.n_tasks:
+                        signals.hand_over(signals.pending)  # last.ckpt was just saved
 
         R = results["accuracy_matrix"]
         results["metrics"] = compute_metrics(R, before)
@@ -451,14 +607,19 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
         for variant, rows in variant_rows.items():
             save_matrix_csv(rows, out_dir / f"accuracy_matrix_{variant}.csv")
         save_results()
+        if save_ckpts:  # the finished state: a later resume=true reports it, trains nothing
+            save_boundary(info.n_tasks)
         run_logger.log_matrix(R, str(png), step)
         if info.multi_head:
             run_logger.log_matrix(results["accuracy_matrix_agnostic"], None, step,
                                   name="accuracy_matrix_agnostic")
         run_logger.finish(summary(), "completed", files=[str(results_path)])
     except BaseException as err:
-        results["status"] = f"failed: {type(err).__name__}: {err}"
+        mark_stopped(results, err)
         save_results()
+        if isinstance(err, Interrupted):
+            console.print(f"checkpoint saved; resume with: python train.py <same overrides> "
+                          f"resume={out_dir}", soft_wrap=True)
         try:
             run_logger.finish(summary(), "failed", files=[str(results_path)])
         except Exception as log_err:  # noqa: BLE001  (never hide the real error behind it)
@@ -472,7 +633,17 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
         f"train {timing['train_seconds']:.1f} s  total {timing['total_seconds']:.1f} s\n"
         f"results: {results_path}"
     )
-    values = {**m, **{f"test/{k}": v for k, v in m.items()}}
-    if val:
-        values.update({f"val/{k}": v for k, v in val["metrics"].items()})
-    return values[metric]
+    return _metric_values(results)[metric]
+
+
+def _start_inside_task(trainer, dm, position: dict, progress, bar) -> None:
+    """Make a fresh Trainer begin at a stored epoch and batch of the task (see
+    metacl.checkpoint): Lightning counts the epochs already done, the loader replays the stored
+    shuffle order from the next batch."""
+    epoch, batch = int(position["epoch"]), int(position["batch"])
+    epochs = trainer.fit_loop.epoch_progress
+    for counter in (epochs.total, epochs.current):
+        counter.ready = counter.started = counter.processed = counter.completed = epoch
+    if batch or position.get("order") is not None:
+        dm.resume_train_at(position.get("order"), batch)
+    progress.advance(bar, epoch * len(dm.train_loader) + batch)

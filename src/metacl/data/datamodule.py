@@ -64,24 +64,49 @@ def offset_labels(tasks: list[Task]) -> None:
 
 
 class TensorBatches:
-    """An iterable of (x, y, t) batches drawn from tensors that already sit on the device."""
+    """An iterable of (x, y, t) batches drawn from tensors that already sit on the device.
 
-    def __init__(self, x: Tensor, y: Tensor, t: Tensor, batch_size: int, shuffle: bool, prepare):
+    `prepare` turns a raw batch into model input (None: yield the raw tensors; the training
+    loader leaves it to the datamodule's `on_after_batch_transfer`). A shuffled loader draws one
+    order per epoch and keeps it in `order`; `resume_at(order, batch)` makes the next epoch
+    replay a stored order from a given batch (resuming a checkpoint taken inside an epoch),
+    without drawing from the random generator. `epoch_start_batch` is where the current epoch
+    began (0, or the resumed batch).
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, t: Tensor, batch_size: int, shuffle: bool,
+                 prepare=None):
         self.x, self.y, self.t = x, y, t
         self.batch_size, self.shuffle, self.prepare = batch_size, shuffle, prepare
+        self.order: Tensor | None = None
+        self.epoch_start_batch = 0
+        self._resume: tuple[Tensor, int] | None = None
 
     def __len__(self) -> int:
         return math.ceil(len(self.y) / self.batch_size)
 
+    def resume_at(self, order: Tensor | None, batch: int) -> None:
+        self._resume = (order, int(batch))
+
     def __iter__(self):
         n = len(self.y)
-        order = torch.randperm(n, device=self.y.device) if self.shuffle else None
-        for start in range(0, n, self.batch_size):
+        first = 0
+        if self._resume is not None:
+            order, first = self._resume
+            self._resume = None
+            order = None if order is None else order.to(self.y.device)
+        elif self.shuffle:
+            order = torch.randperm(n, device=self.y.device)
+        else:
+            order = None
+        self.order, self.epoch_start_batch = order, first
+        for start in range(first * self.batch_size, n, self.batch_size):
             if order is None:
                 idx = slice(start, start + self.batch_size)
             else:
                 idx = order[start : start + self.batch_size]
-            yield self.prepare(self.x[idx]), self.y[idx], self.t[idx]
+            x = self.x[idx] if self.prepare is None else self.prepare(self.x[idx])
+            yield x, self.y[idx], self.t[idx]
 
 
 def random_crop_flip(x: Tensor, padding: int = 4) -> Tensor:
@@ -158,6 +183,8 @@ class ContinualDataModule(pl.LightningDataModule):
         self.current = 0
         self.train_tasks: list[int] = [0]
         self.device = torch.device("cpu")
+        self.train_loader: TensorBatches | None = None  # the last train_dataloader()
+        self._train_resume: tuple[Tensor | None, int] | None = None
 
     # ------------------------------------------------------------------ building
     def build(self) -> ContinualDataModule:
@@ -271,15 +298,31 @@ class ContinualDataModule(pl.LightningDataModule):
         return x
 
     def train_dataloader(self) -> TensorBatches:
+        """Raw batches (stored dtype) of the tasks being trained; Lightning makes them model
+        input through `on_after_batch_transfer`, right before each training step. Preparing
+        there, not while the batch is fetched, keeps augmentation's random draws out of
+        Lightning's one-batch prefetch, so a checkpoint taken after a step holds exactly the
+        generator state the next step starts from."""
         tasks = [self.tasks[u] for u in self.train_tasks]
         x = torch.cat([task.x_train for task in tasks])
         y = torch.cat([task.y_train for task in tasks])
         t = torch.cat(
             [torch.full_like(task.y_train, u) for u, task in zip(self.train_tasks, tasks)]
         )
-        return TensorBatches(
-            x, y, t, self.batch_size, True, lambda batch: self.prepare_batch(batch, True)
-        )
+        self.train_loader = TensorBatches(x, y, t, self.batch_size, True)
+        if self._train_resume is not None:
+            self.train_loader.resume_at(*self._train_resume)
+            self._train_resume = None
+        return self.train_loader
+
+    def resume_train_at(self, order: Tensor | None, batch: int) -> None:
+        """The next train_dataloader() starts its first epoch at `batch` of the stored shuffle
+        `order` (resuming a checkpoint taken inside an epoch; metacl.checkpoint)."""
+        self._train_resume = (order, int(batch))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x, y, t = batch
+        return self.prepare_batch(x, True), y, t
 
     def eval_dataloaders(self, split: str = "test") -> list[TensorBatches]:
         """One loader per task over its test (or validation) data, unshuffled, no augmentation."""

@@ -251,7 +251,14 @@ def _load_cifar(
         raise DataNotFoundError(problem)
 
     unchecked = _without_md5(cls)
-    train, test = unchecked(root, train=True), unchecked(root, train=False)
+    try:
+        train, test = unchecked(root, train=True), unchecked(root, train=False)
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, OSError, RuntimeError) as exc:
+        # A truncated pickle, an array of the wrong size, a dict without 'data'/'labels'.
+        raise DataNotFoundError(
+            f"{name} files in {root / cls.base_folder}/ are corrupt ({_first_line(exc)}); "
+            f"delete them and extract {cls.filename} again, or pass dataset.download=true"
+        ) from exc
 
     def images(data: np.ndarray) -> torch.Tensor:
         # torchvision stores HWC for PIL; we keep the CHW layout the models consume.
@@ -472,6 +479,9 @@ MER_FILES = {
 def _torch_load_trusted(path: Path) -> Any:
     try:
         return torch.load(path, weights_only=True)
+    except (EOFError, RuntimeError, OSError) as exc:  # truncated or not a torch file
+        raise DataNotFoundError(f"{path} is corrupt ({_first_line(exc)}); download it again "
+                                "(MER/La-MAML data)") from exc
     except pickle.UnpicklingError:
         # Files written by old torch versions may pickle objects the safe loader refuses. They
         # are data the user placed here on purpose, so fall back to a full load.
@@ -488,6 +498,10 @@ def _mer_tasks(tasks: Any, path: Path) -> tuple[list[tuple[torch.Tensor, torch.T
         x = torch.as_tensor(x)
         if x.dtype == torch.uint8:  # tolerate byte copies of the usual float files
             x = x.float() / 255
+        if x.numel() % (28 * 28) or x.numel() // (28 * 28) != torch.as_tensor(y).numel():
+            raise DataNotFoundError(f"{path} holds images of shape {tuple(x.shape)} for "
+                                    f"{torch.as_tensor(y).numel()} labels; expected "
+                                    "(N, 784) MNIST digits")
         pairs.append((x.float().reshape(-1, 1, 28, 28), torch.as_tensor(y).long().flatten()))
         params.append(param)
     return pairs, params

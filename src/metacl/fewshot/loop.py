@@ -24,12 +24,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from metacl import checkpoint
 from metacl.errors import ConfigError
 from metacl.run import (
     StreamCallback,
     _atomic_write,
     _synchronize,
     console,
+    mark_stopped,
     new_results,
     set_threads,
     start_run,
@@ -157,8 +159,9 @@ def run_episodic(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
         if cfg.get("save_checkpoints", True):
             ckpt_dir = out_dir / "checkpoints"
             ckpt_dir.mkdir(exist_ok=True)
+            # The trained meta-learner (weights_only-loadable); few-shot runs do not resume.
             state = {"method_state": method.state_dict(), "meta_batches": stream.step}
-            _atomic_write(ckpt_dir / "last.ckpt", lambda p: torch.save(state, p))
+            checkpoint.atomic_save(state, ckpt_dir / "last.ckpt")
 
         test = method.evaluate(dm.eval_episodes("test"))
         metrics = episode_metrics(test, "test", info.classification)
@@ -176,7 +179,7 @@ def run_episodic(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
         run_logger.finish({k: v for k, v in metrics.items() if not isinstance(v, list)},
                           "completed", files=[out_dir / "results.json"])
     except BaseException as err:
-        results["status"] = f"failed: {type(err).__name__}: {err}"
+        mark_stopped(results, err)
         save_results()
         run_logger.finish(results["metrics"] or {}, "failed")
         raise

@@ -1,0 +1,306 @@
+"""Config validation before any data is loaded and before anything is written.
+
+`validate_config(cfg)` runs the rules below in order and raises `ConfigError` (a one-line
+message naming the key, the bad value and what is allowed) at the first broken one; train.py
+prints it as `error: ...` and exits with code 2, no traceback (unless HYDRA_FULL_ERROR=1).
+Data files themselves (missing, corrupt, wrong shape) are checked where they are read
+(metacl.data.sources / episodic) with the same kind of message. The table is the documentation
+(docs/reliability.md lists it too):
+
+| rule                     | keys                                                          |
+|--------------------------|---------------------------------------------------------------|
+| positive numbers         | method.lr, opt_lr, opt_wt, alpha_init, meta_lr, inner_lr,      |
+|                          | batch_size, n_epochs, glances, memories, memory_size,          |
+|                          | n_memories, replay_batch_size, meta_batch_size, inner_steps   |
+|                          | (lr > 0 or inf/nan is refused; counts >= 1; memories >= 0)     |
+| method fits the dataset  | method class protocol == dataset class protocol                |
+| task ids exist           | a method needing task ids at test time on a scenario with them |
+| classes split into tasks | dataset.n_tasks, classes_per_task, init_cls_num, inc_cls_num   |
+| enough samples           | dataset.samples_per_task <= training samples of the source     |
+| model takes the input    | model built and run on one zero batch of the dataset's shape   |
+| few-shot ways            | dataset.ways / train_ways <= classes of the episode pools      |
+| trainer                  | trainer.accelerator in auto/cpu/gpu (+ a visible GPU for gpu) |
+| threads                  | auto, null or an integer >= 1                                  |
+| resume                   | metacl.checkpoint.plan_resume (checkpoint present, same config)|
+| output folder writable   | paths.output_dir                                               |
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from hydra.utils import get_class
+from omegaconf import DictConfig
+
+from metacl.errors import ConfigError
+
+# What each continual source holds, known without reading it: classes, training samples
+# (the largest split a task can draw from) and the (C, H, W) of one image.
+CONTINUAL_SOURCES = {
+    "bundled": {"classes": 10, "train": 4000, "shape": (1, 28, 28)},
+    "mnist": {"classes": 10, "train": 60000, "shape": (1, 28, 28)},
+    "mer": {"classes": 10, "train": None, "shape": (1, 28, 28)},
+    "cifar10": {"classes": 10, "train": 50000, "shape": (3, 32, 32)},
+    "cifar100": {"classes": 100, "train": 50000, "shape": (3, 32, 32)},
+    "tinyimagenet": {"classes": 200, "train": 100000, "shape": (3, 64, 64)},
+}
+EPISODIC_SHAPES = {"omniglot": (1, 28, 28), "digits_fewshot": (1, 28, 28),
+                   "miniimagenet": (3, 84, 84), "sinusoid": (1,)}
+MINIIMAGENET_SPLIT = (64, 16, 20)
+
+# method keys that must be > 0 (rates) or >= 1 (counts) when present; >= 0 (memories).
+POSITIVE_RATES = ("lr", "opt_lr", "opt_wt", "alpha_init", "meta_lr", "inner_lr")
+POSITIVE_COUNTS = ("batch_size", "n_epochs", "glances", "meta_batch_size", "inner_steps",
+                   "inner_steps_test", "fisher_batch_size", "ref_batch_size")
+NON_NEGATIVE_COUNTS = ("memories", "memory_size", "n_memories", "replay_batch_size")
+
+
+def _number(key: str, value, allowed: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
+    return float(value)
+
+
+def check_method_numbers(method: DictConfig) -> None:
+    for name in POSITIVE_RATES:
+        value = method.get(name)
+        if value is None:
+            continue
+        # lr=inf is allowed on purpose: it is how the tests make a run diverge.
+        x = _number(f"method.{name}", value, "a number > 0")
+        if math.isnan(x) or x <= 0:
+            raise ConfigError(f"method.{name}={value!r} is invalid; allowed: a number > 0")
+    for name in POSITIVE_COUNTS:
+        value = method.get(name)
+        if value is None:
+            continue
+        x = _number(f"method.{name}", value, "an integer >= 1")
+        if x < 1 or x != int(x):
+            raise ConfigError(f"method.{name}={value!r} is invalid; allowed: an integer >= 1")
+    for name in NON_NEGATIVE_COUNTS:
+        value = method.get(name)
+        if value is None:
+            continue
+        x = _number(f"method.{name}", value, "an integer >= 0")
+        if x < 0 or x != int(x):
+            raise ConfigError(f"method.{name}={value!r} is invalid; allowed: an integer >= 0")
+
+
+def check_protocols(cfg: DictConfig) -> str:
+    """The dataset's protocol (continual/episodic), refusing a method of the other kind."""
+    from metacl.run import PROTOCOLS
+
+    dataset_cls = get_class(cfg.dataset._target_)
+    protocol = getattr(dataset_cls, "protocol", "continual")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"dataset protocol '{protocol}' is unknown; allowed: "
+                          f"{', '.join(PROTOCOLS)}")
+    method_cls = get_class(cfg.method._target_)
+    method_protocol = getattr(method_cls, "protocol", "continual")
+    if method_protocol != protocol:
+        raise ConfigError(
+            f"method {cfg.method._target_.rsplit('.', 1)[-1]} runs on {method_protocol} "
+            f"datasets, not on {cfg.dataset._target_.rsplit('.', 1)[-1]} ({protocol}); "
+            f"pick a {method_protocol} dataset (docs/methods.md)")
+    return protocol
+
+
+def _class_counts(ds: DictConfig, n_classes: int) -> list[int]:
+    """Classes per task from n_tasks / classes_per_task / init_cls_num / inc_cls_num."""
+    n_tasks = ds.get("n_tasks")
+    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
+        raise ConfigError(f"dataset.n_tasks={n_tasks!r} is invalid; allowed: an integer >= 1")
+    per_task, init, inc = ds.get("classes_per_task"), ds.get("init_cls_num"), ds.get("inc_cls_num")
+    for key, value in (("classes_per_task", per_task), ("init_cls_num", init),
+                       ("inc_cls_num", inc)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ConfigError(f"dataset.{key}={value!r} is invalid; allowed: an integer >= 1")
+    if per_task is not None and (init is not None or inc is not None):
+        raise ConfigError(f"dataset.classes_per_task={per_task} conflicts with "
+                          "dataset.init_cls_num/inc_cls_num; give one or the other")
+    if init is not None or inc is not None:
+        init = inc if init is None else init
+        if inc is None and n_tasks > 1:
+            rest = n_classes - init
+            if rest <= 0 or rest % (n_tasks - 1):
+                raise ConfigError(
+                    f"dataset.init_cls_num={init} leaves {rest} of {n_classes} classes, which do "
+                    f"not split evenly into dataset.n_tasks-1={n_tasks - 1} tasks; set "
+                    "dataset.inc_cls_num")
+            inc = rest // (n_tasks - 1)
+        sizes = [init] + [inc] * (n_tasks - 1)
+        described = f"dataset.init_cls_num={init}, dataset.inc_cls_num={inc}"
+    else:
+        if per_task is None:
+            if n_classes % n_tasks:
+                raise ConfigError(f"dataset.n_tasks={n_tasks} does not divide the {n_classes} "
+                                  "classes evenly; set dataset.classes_per_task or "
+                                  "dataset.init_cls_num/inc_cls_num")
+            per_task = n_classes // n_tasks
+        sizes = [per_task] * n_tasks
+        described = f"dataset.classes_per_task={per_task}"
+    if sum(sizes) > n_classes:
+        raise ConfigError(f"dataset.n_tasks={n_tasks} with {described} needs {sum(sizes)} "
+                          f"classes; the source has {n_classes}")
+    return sizes
+
+
+def check_continual_dataset(ds: DictConfig) -> tuple[int, ...] | None:
+    """Rules for ContinualDataModule configs; returns the input shape when it is known."""
+    facts = CONTINUAL_SOURCES.get(ds.get("source"))
+    if facts is None:
+        return None  # an unknown source is refused with the list of sources when it is built
+    for key in ("batch_size", "eval_batch_size"):
+        value = ds.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ConfigError(f"dataset.{key}={value!r} is invalid; allowed: an integer >= 1")
+    if ds.get("scenario") == "class_split":
+        _class_counts(ds, facts["classes"])
+    elif ds.get("n_tasks") is not None:
+        n_tasks = ds.n_tasks
+        if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
+            raise ConfigError(f"dataset.n_tasks={n_tasks!r} is invalid; allowed: an integer >= 1")
+    samples = ds.get("samples_per_task")
+    if samples is not None and ds.get("scenario") != "class_split":
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ConfigError(f"dataset.samples_per_task={samples!r} is invalid; allowed: an "
+                              "integer >= 1")
+        available = facts["train"]
+        if available is not None and samples > available:
+            raise ConfigError(f"dataset.samples_per_task={samples} is larger than the "
+                              f"{available} training samples of source {ds.source}; allowed: "
+                              f"1..{available}")
+    return facts["shape"]
+
+
+def _pool_sizes(ds: DictConfig) -> tuple[int, int, int] | None:
+    source = ds.get("source")
+    if source == "miniimagenet":
+        return MINIIMAGENET_SPLIT
+    split = ds.get("class_split")
+    if source in ("omniglot", "digits_fewshot") and split is not None and len(split) == 3:
+        turns = 4 if (source == "omniglot" and ds.get("rotations")) else 1
+        return tuple(int(s) * turns for s in split)
+    return None
+
+
+def check_episodic_dataset(ds: DictConfig) -> tuple[int, ...] | None:
+    pools = _pool_sizes(ds)
+    if pools is not None:
+        ways = ds.get("ways") or 1
+        train_ways = ds.get("train_ways") or ways
+        train, val, test = pools
+        if train_ways > train:
+            key = "train_ways" if ds.get("train_ways") else "ways"
+            raise ConfigError(f"dataset.{key}={train_ways} is more than the {train} meta-training "
+                              f"classes of {ds.source}; allowed: 1..{train}")
+        for name, size, used in (("validation", val, (ds.get("val_episodes") or 0) > 0),
+                                 ("test", test, True)):
+            if used and ways > size:
+                raise ConfigError(f"dataset.ways={ways} is more than the {size} {name} classes "
+                                  f"of {ds.source}; allowed: 1..{size}")
+    return EPISODIC_SHAPES.get(ds.get("source"))
+
+
+def check_task_ids(cfg: DictConfig, protocol: str) -> None:
+    """A method that must be told the task at test time needs a scenario that has task ids."""
+    if protocol != "continual":
+        return
+    method_cls = get_class(cfg.method._target_)
+    if not getattr(method_cls, "needs_task_ids", False):
+        return
+    if cfg.dataset.get("scenario") != "class_split":
+        raise ConfigError(f"method {method_cls.__name__} needs task ids (one head per task) "
+                          f"but dataset.scenario={cfg.dataset.get('scenario')} has none; "
+                          "allowed: a class_split dataset")
+
+
+_MODEL_CHECKS: dict[str, str | None] = {}  # model config + shape -> problem (None = fits)
+
+
+def check_model_input(cfg: DictConfig, shape: tuple[int, ...] | None, n_outputs: int) -> None:
+    """Build the backbone for the dataset's input shape and run it on one zero sample."""
+    if shape is None:
+        return
+    import json
+
+    from omegaconf import OmegaConf
+
+    key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True), shape, n_outputs],
+                     default=str)
+    if key not in _MODEL_CHECKS:  # the same model/input in a sweep or a test: checked once
+        _MODEL_CHECKS[key] = _model_problem(cfg, shape, n_outputs)
+    if _MODEL_CHECKS[key]:
+        raise ConfigError(_MODEL_CHECKS[key])
+
+
+def _model_problem(cfg: DictConfig, shape: tuple[int, ...], n_outputs: int) -> str | None:
+    import torch
+    from hydra.utils import instantiate
+
+    from metacl.cli import user_error
+
+    name = cfg.model._target_.rsplit(".", 1)[-1]
+    try:
+        model = instantiate(cfg.model, input_shape=shape, n_outputs=n_outputs)
+        with torch.no_grad():
+            model.eval()
+            out = model(torch.zeros(1, *shape))
+    except Exception as err:  # noqa: BLE001  (any failure means the shapes do not fit)
+        found = user_error(err)
+        if found is not None:
+            return str(found)
+        cause = err
+        while cause.__cause__ is not None:  # Hydra wraps the model's own error
+            cause = cause.__cause__
+        return (f"model={name} cannot take the dataset's input {tuple(shape)} "
+                f"({type(cause).__name__}: {str(cause).splitlines()[0][:120]}); allowed: a "
+                "model for this input (README: Configuration)")
+    if out.shape[-1] != n_outputs:
+        return f"model={name} gives {out.shape[-1]} outputs for {n_outputs} classes"
+    return None
+
+
+def check_writable(out_dir: Path) -> None:
+    """The output folder (or its first existing parent) must be writable."""
+    probe = Path(out_dir)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"paths.output_dir={out_dir} is not writable ({probe} refuses writes); "
+                          "allowed: a folder you can write to, e.g. hydra.run.dir=<dir>")
+
+
+def validate_config(cfg: DictConfig) -> str:
+    """Run every rule (module docstring); return the run's protocol."""
+    protocol = check_protocols(cfg)
+    check_method_numbers(cfg.method)
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise ConfigError(f"trainer.accelerator={accelerator} is not supported; allowed: auto, "
+                          "cpu, gpu")
+    epochs = cfg.trainer.get("max_epochs")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int)
+                               or epochs < 1):
+        raise ConfigError(f"trainer.max_epochs={epochs!r} is invalid; allowed: an integer >= 1 "
+                          "(it follows method.n_epochs)")
+    threads = cfg.get("threads", "auto")
+    if threads not in ("auto", None) and (isinstance(threads, bool) or not isinstance(threads, int)
+                                          or threads < 1):
+        raise ConfigError(f"threads={threads!r} is invalid; allowed: auto, null (torch's "
+                          "default) or an integer >= 1")
+    check_task_ids(cfg, protocol)
+    if protocol == "continual":
+        shape = check_continual_dataset(cfg.dataset)
+        facts = CONTINUAL_SOURCES.get(cfg.dataset.get("source"), {"classes": 10})
+        check_model_input(cfg, shape, facts["classes"])
+    else:
+        shape = check_episodic_dataset(cfg.dataset)
+        regression = cfg.dataset.get("source") == "sinusoid"
+        check_model_input(cfg, shape, 1 if regression else int(cfg.dataset.get("ways") or 1))
+    check_writable(Path(str(cfg.paths.output_dir)))
+    return protocol

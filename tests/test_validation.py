@@ -1,0 +1,227 @@
+"""Bad input: every row gets exit code 2, one `error:` line naming the key and the bad value,
+and leaves the results.json of the run already in the output folder untouched.
+
+Rows go through `cli.run_with_clean_errors(run.main, cfg)` in-process (what train.py runs, minus
+the ~8 s of imports); two rows go through the real train.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metacl.cli import EXIT_USER_ERROR, run_with_clean_errors
+from metacl.methods.finetune import Finetune
+from metacl.run import main as run_main
+
+from .conftest import ROOT
+from .fixtures import write_cifar
+
+
+class TaskIdOnlyMethod(Finetune):
+    """Stands for a method that cannot run without task ids at test time (e.g. HAT)."""
+
+    needs_task_ids = True
+
+
+def _cifar(tmp: Path) -> Path:
+    return write_cifar(tmp / "cifar", n_classes=10, train_per_class=4, test_per_class=2)
+
+
+def _truncated_cifar(tmp: Path) -> Path:
+    root = _cifar(tmp)
+    batch = root / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(batch.read_bytes()[:500])
+    return root
+
+
+def _wrong_shape_cifar(tmp: Path) -> Path:
+    root = _cifar(tmp)
+    batch = root / "cifar-10-batches-py" / "data_batch_2"
+    with open(batch, "wb") as f:
+        pickle.dump({"data": torch.zeros(8, 100, dtype=torch.uint8).numpy(),
+                     "labels": [0] * 8}, f)
+    return root
+
+
+def _bad_jpeg_tiny(tmp: Path) -> Path:
+    from .test_sources import _write_tiny
+
+    _write_tiny(tmp / "tiny", "official")
+    image = next((tmp / "tiny" / "tiny-imagenet-200" / "train").rglob("*.JPEG"))
+    image.write_bytes(b"not a jpeg at all")
+    return tmp / "tiny"
+
+
+def _wrong_shape_mer(tmp: Path) -> Path:
+    root = tmp / "mer"
+    root.mkdir()
+    task = [0.0, torch.zeros(5, 100), torch.zeros(5, dtype=torch.long)]
+    torch.save([[task], [task]], root / "mnist_rotations.pt")
+    return root
+
+
+def _truncated_mer(tmp: Path) -> Path:
+    root = tmp / "mer"
+    root.mkdir()
+    task = [0.0, torch.zeros(5, 784), torch.zeros(5, dtype=torch.long)]
+    torch.save([[task], [task]], root / "mnist_rotations.pt")
+    data = (root / "mnist_rotations.pt").read_bytes()
+    (root / "mnist_rotations.pt").write_bytes(data[: len(data) // 2])
+    return root
+
+
+def _empty_dir(tmp: Path) -> Path:
+    (tmp / "empty").mkdir()
+    return tmp / "empty"
+
+
+# (id, overrides, data fixture or None, fragments the error line must contain)
+CIFAR = ["dataset=cifar10", "model=mlp", "dataset.verify_checksums=false"]
+ROWS = [
+    ("zero lr", ["method=er", "method.lr=0"], None, ["method.lr=0", "> 0"]),
+    ("negative lr", ["method=finetune", "method.lr=-0.1"], None, ["method.lr=-0.1", "> 0"]),
+    ("negative opt_lr", ["method=lamaml", "method.opt_lr=-1"], None, ["method.opt_lr=-1"]),
+    ("zero batch_size", ["method.batch_size=0"], None, ["method.batch_size=0", ">= 1"]),
+    ("negative memories", ["method=er", "method.memories=-5"], None,
+     ["method.memories=-5", ">= 0"]),
+    ("zero glances", ["method.glances=0"], None, ["method.glances=0", ">= 1"]),
+    ("zero n_epochs", ["method.n_epochs=0"], None, ["method.n_epochs=0", ">= 1"]),
+    ("zero threads", ["threads=0"], None, ["threads=0", "auto"]),
+    ("string lr", ["method=er", "method.lr=fast"], None, ["method.lr='fast'"]),
+    ("classes not divisible", [*CIFAR, "dataset.n_tasks=3", "dataset.classes_per_task=null"],
+     None, ["dataset.n_tasks=3", "10 classes"]),
+    ("init/inc inconsistent", [*CIFAR, "dataset.n_tasks=4", "dataset.classes_per_task=null",
+                               "dataset.init_cls_num=4", "dataset.inc_cls_num=3"], None,
+     ["dataset.init_cls_num=4", "dataset.inc_cls_num=3", "13 classes"]),
+    ("init leaves uneven rest", [*CIFAR, "dataset.n_tasks=4", "dataset.classes_per_task=null",
+                                 "dataset.init_cls_num=5"], None,
+     ["dataset.init_cls_num=5", "dataset.inc_cls_num"]),
+    ("samples_per_task too large", ["dataset.samples_per_task=5000"], None,
+     ["dataset.samples_per_task=5000", "4000"]),
+    ("task ids needed", [f"method._target_={__name__}.TaskIdOnlyMethod"], None,
+     ["TaskIdOnlyMethod", "dataset.scenario=mnist_rotations", "class_split"]),
+    ("model input mismatch", ["dataset=sinusoid", "method=maml", "model=conv4"], None,
+     ["model=Conv4", "(1,)"]),
+    ("few-shot ways > classes", ["dataset=digits_fewshot", "method=maml", "model=conv4",
+                                 "dataset.ways=12"], None, ["dataset.ways=12", "1..6"]),
+    ("few-shot train_ways > classes", ["dataset=digits_fewshot", "method=protonet",
+                                       "model=conv4", "dataset.train_ways=30"], None,
+     ["dataset.train_ways=30", "24"]),
+    ("data_dir missing", CIFAR, "missing", ["cifar-10-batches-py", "does not exist",
+                                             "dataset.download=true"]),
+    ("data_dir without the files", ["dataset.source=mnist"], _empty_dir,
+     ["MNIST not found", "train-images-idx3-ubyte", "dataset.download=true"]),
+    ("truncated pickle", CIFAR, _truncated_cifar, ["CIFAR-10", "corrupt"]),
+    ("wrong array shape (CIFAR)", CIFAR, _wrong_shape_cifar, ["CIFAR-10", "corrupt"]),
+    ("bad JPEG", ["dataset=tinyimagenet", "model=mlp"], _bad_jpeg_tiny,
+     ["cannot read TinyImageNet image", ".JPEG"]),
+    ("wrong array shape (MER)", ["dataset.source=mer"], _wrong_shape_mer,
+     ["mnist_rotations.pt", "(5, 100)", "784"]),
+    ("truncated torch file (MER)", ["dataset.source=mer"], _truncated_mer,
+     ["mnist_rotations.pt", "corrupt"]),
+    ("resume without checkpoint", ["resume.path=true"], None,
+     ["resume.path=true", "no checkpoint"]),
+    ("unknown dataset source", ["dataset.source=floppy"], None, ["floppy", "bundled"]),
+]
+
+
+@pytest.fixture
+def previous_run(tmp_path) -> Path:
+    """An output folder that already holds another run's results (they must survive)."""
+    out = tmp_path / "previous"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"status": "completed", "metrics": {"RA": 1}}))
+    return out
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input_is_one_clear_line_and_touches_nothing(compose, tmp_path, previous_run,
+                                                          monkeypatch, capsys, row):
+    _, overrides, data, fragments = row
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    extra = []
+    if data == "missing":
+        extra = [f"data_dir={tmp_path / 'nowhere'}"]
+    elif data is not None:
+        extra = [f"data_dir={data(tmp_path)}"]
+    before = (previous_run / "results.json").read_text()
+    listing = sorted(p.name for p in previous_run.iterdir())
+    cfg = compose(["debug=fast", f"paths.output_dir={previous_run}", *overrides, *extra])
+    with pytest.raises(SystemExit) as exited:
+        run_with_clean_errors(run_main, cfg)
+    assert exited.value.code == EXIT_USER_ERROR
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])
+    assert (previous_run / "results.json").read_text() == before
+    assert sorted(p.name for p in previous_run.iterdir()) == listing  # nothing new either
+
+
+def test_output_folder_inside_a_file_is_refused_before_anything_is_written(compose, tmp_path,
+                                                                          capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cfg = compose(["debug=fast", f"paths.output_dir={blocker / 'run'}"])
+    with pytest.raises(SystemExit) as exited:
+        run_with_clean_errors(run_main, cfg)
+    assert exited.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert f"paths.output_dir={blocker / 'run'}" in err and "not writable" in err
+
+
+def test_shipped_configs_pass_validation(compose):
+    """No false alarms: every method file's numbers, and experiment files covering every
+    dataset/model pairing the project ships (composing all 60 would take a minute)."""
+    from omegaconf import OmegaConf
+
+    from metacl.validate import check_method_numbers, validate_config
+
+    conf = ROOT / "conf"
+    for method in sorted((conf / "method").glob("*.yaml")):
+        check_method_numbers(OmegaConf.load(method))
+    for name in ("lamaml/lamaml_cifar100_single_pass", "baselines/er_tinyimagenet_multi_pass",
+                 "libcontinual/lucir_cifar100", "maml/miniimagenet_5w1s",
+                 "maml/omniglot_20w5s", "maml/sinusoid_10shot", "maml/digits_5w1s_protonet"):
+        cfg = compose([f"experiment={name}", "paths.output_dir=/tmp/metacl-unused"])
+        assert validate_config(cfg) in ("continual", "episodic"), name
+
+
+def test_wandb_without_network_goes_offline_with_a_message(monkeypatch, capsys):
+    from metacl import loggers
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # "logged in"
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    assert loggers.resolve_wandb_mode("auto") == "offline"
+    assert "offline" in capsys.readouterr().err
+
+
+def _train_py(args, cwd):
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_cli_unknown_option_and_bad_value_exit_2_with_one_line(tmp_path, previous_run):
+    before = (previous_run / "results.json").read_text()
+    unknown = _train_py(["method=lamaml2", f"hydra.run.dir={previous_run}"], tmp_path)
+    assert unknown.returncode == EXIT_USER_ERROR
+    assert unknown.stderr.strip().splitlines() == [unknown.stderr.strip()]  # one line
+    assert "method=lamaml2" in unknown.stderr and "lamaml, " in unknown.stderr
+    bad = _train_py(["debug=fast", "method=er", "method.lr=-1", f"hydra.run.dir={previous_run}"],
+                    tmp_path)
+    assert bad.returncode == EXIT_USER_ERROR and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: method.lr=-1")
+    assert (previous_run / "results.json").read_text() == before
+    assert not (tmp_path / "outputs").exists()  # no stray run folder either
