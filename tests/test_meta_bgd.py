@@ -170,3 +170,20 @@ def test_fixed_step_sizes_without_learn_lr():
 def test_needs_a_monte_carlo_sample():
     with pytest.raises(ConfigError, match="train_mc_iters"):
         make(train_mc_iters=0)
+
+
+@pytest.mark.parametrize("cell, memories, epochs, glances, std, eta", [
+    ("cifar100_single_pass", 200, 1, 3, 0.02, 50.0),
+    ("cifar100_multi_pass", 200, 10, 1, 0.02, 50.0),
+    ("tinyimagenet_single_pass", 400, 1, 3, 0.015, 30.0),
+    ("tinyimagenet_multi_pass", 400, 10, 1, 0.015, 30.0),
+])
+def test_experiment_files_hold_the_reference_commands(compose, cell, memories, epochs, glances,
+                                                      std, eta):
+    cfg = compose([f"experiment=baselines/meta_bgd_{cell}", "paths.output_dir=/tmp/unused"])
+    m = cfg.method
+    assert m._target_ == "metacl.methods.meta_bgd.MetaBGD" and cfg.model._target_.endswith("PcCNN")
+    assert (m.memories, m.n_epochs, m.glances, m.std_init, m.mean_eta) == (
+        memories, epochs, glances, std, eta)
+    assert (m.train_mc_iters, m.inner_batches, m.alpha_init, m.second_order) == (2, 3, 0.1, True)
+    assert cfg.dataset.validation == 0.1 and cfg.dataset.class_order == "random"
