@@ -10,7 +10,7 @@
 # OUT_DIR/report/. METHODs (default: all, cheapest first) pick a subset; a method whose folder
 # already holds 3 completed runs is skipped, so the script can be re-run to fill in the rest.
 # The report step alone: python -m metacl.report OUT_DIR/rotations OUT_DIR/permutations
-#     --out OUT_DIR/report --no-plots
+#     --out OUT_DIR/report --no-plots --metrics RA,BTI,LA,forgetting
 #
 # Hyperparameters: the La-MAML family uses the reference script's MNIST commands
 # (conf/experiment/lamaml/<method>_mnist_<benchmark>.yaml); every other method its defaults
@@ -53,4 +53,5 @@ done
 
 reports=()
 for bench in $BENCHMARKS; do [ -d "$OUT/$bench" ] && reports+=("$OUT/$bench"); done
-"$PYTHON" -m metacl.report "${reports[@]}" --out "$OUT/report" --no-plots
+"$PYTHON" -m metacl.report "${reports[@]}" --out "$OUT/report" --no-plots \
+  --metrics RA,BTI,LA,forgetting
