@@ -115,7 +115,7 @@ def test_observe_is_the_hand_computed_bgd_update_of_means_and_stds():
 
 def test_training_samples_weights_and_evaluation_uses_the_means():
     m = make(glances=2, memories=20, replay_batch_size=3, train_mc_iters=3, std_init=0.1)
-    seen, means = [], []
+    seen = []
     glance = m.glance_gradients
 
     def recording(*args, **kwargs):  # the weights each Monte-Carlo look-ahead loss is taken at
@@ -132,6 +132,7 @@ def test_training_samples_weights_and_evaluation_uses_the_means():
     for sample in seen[:3]:
         gap = torch.cat([(s - b).flatten() for s, b in zip(sample, before)])
         assert 0.05 < gap.std() < 0.2
+    assert not torch.equal(seen[0][0], seen[1][0])  # a fresh draw for every sample
     # At rest the parameters hold the means, and prediction uses exactly them, deterministically.
     xe = torch.randn(50, *SHAPE)
     params = [p.detach() for p in m.backbone.parameters()]
