@@ -59,6 +59,25 @@ def test_every_method_runs_end_to_end(compose, tmp_path, method):
     assert (tmp_path / "accuracy_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_end_to_end_on_permutations(compose, tmp_path, monkeypatch, method):
+    """The other bundled benchmark, as cheaply as possible: one incoming batch per task, and
+    no heatmap (the PNG is checked above; drawing it costs more than this training)."""
+    import metacl.run
+
+    monkeypatch.setattr(metacl.run, "save_matrix_heatmap", lambda *args, **kwargs: None)
+    _, value, results = _run(compose, tmp_path, [
+        f"method={method}", "dataset=mnist_permutations", "dataset.limit_train_per_task=10"])
+    assert results["status"] == "completed"
+    assert results["config"]["dataset"]["scenario"] == "mnist_permutations"
+    R = results["accuracy_matrix"]
+    assert len(R) == 2 and all(len(row) == 2 for row in R)
+    assert all(0.0 <= a <= 1.0 for row in R for a in row)
+    assert results["metrics"] == pytest.approx(compute_metrics(R, results["accuracy_before"]))
+    assert value == results["metrics"]["RA"]
+    assert results["timing"]["train_seconds"] > 0
+
+
 def test_checkpoint_restores_the_method_exactly(compose, tmp_path):
     cfg, _, results = _run(compose, tmp_path, ["method=er"])
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)

@@ -1,0 +1,190 @@
+"""Meta-BGD: the BGD update of means and stds, checked by hand, and evaluation at the means.
+
+The expected update is written from Zeno et al.'s BGD equations and the C-MAML look-ahead loss
+with plain autograd on an explicit two-layer network, independently of the method's code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metacl.errors import ConfigError
+from metacl.methods.meta_bgd import MetaBGD, bgd_update_
+from metacl.models import MLP
+from metacl.task_info import TaskInfo
+
+SHAPE = (1, 2, 3)
+N_OUT = 4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make(**kwargs) -> MetaBGD:
+    torch.manual_seed(0)
+    info = TaskInfo(3, SHAPE, N_OUT, ((0, 1, 2, 3),) * 3, "domain")
+    return MetaBGD(MLP(SHAPE, N_OUT, hidden=(5,)), info, **kwargs)
+
+
+def two_layer(x, p):
+    w1, b1, w2, b2 = p
+    return F.relu(x.reshape(x.shape[0], -1) @ w1.T + b1) @ w2.T + b2
+
+
+def batch(n, task=0):
+    return torch.randn(n, *SHAPE), torch.randint(N_OUT, (n,)), torch.full((n,), task)
+
+
+def test_bgd_step_by_hand():
+    mean = [torch.tensor([1.0, -2.0, 0.0])]
+    std = [torch.tensor([0.1, 0.5, 0.1])]
+    e_grad = [torch.tensor([2.0, -1.0, 0.0])]
+    e_grad_eps = [torch.tensor([4.0, 0.0, -4.0])]
+    bgd_update_(mean, std, e_grad, e_grad_eps, mean_eta=10.0)
+    # mu - eta sigma^2 E[g]: 1 - 10 * 0.01 * 2 and -2 - 10 * 0.25 * (-1)
+    torch.testing.assert_close(mean[0], torch.tensor([0.8, 0.5, 0.0]))
+    # sigma sqrt(1 + (sigma E[g eps] / 2)^2) - sigma^2 E[g eps] / 2 with sigma E[g eps]/2 = +-0.2:
+    # a gradient correlated with the noise shrinks sigma, anti-correlated grows it, none keeps it.
+    root = math.sqrt(1.04)
+    torch.testing.assert_close(std[0], torch.tensor([0.1 * root - 0.02, 0.5, 0.1 * root + 0.02]))
+
+
+def expected_update(m, x, y, eps_list, *, clip, clamp, eta):
+    """One glance of Meta-BGD with one inner step on the whole batch and no replay."""
+    mu_w = [p.detach().clone() for p in m.backbone.parameters()]
+    mu_a = [a.detach().clone() for a in m.alpha]
+    sd_w = [s.clone() for s in m.std]
+    sd_a = [s.clone() for s in m.alpha_std]
+    n = len(mu_w)
+    sums = [torch.zeros_like(v) for v in mu_w + mu_a]
+    sums_eps = [torch.zeros_like(v) for v in mu_w + mu_a]
+    for eps in eps_list:
+        theta = [(mu + sd * e).requires_grad_() for mu, sd, e in zip(mu_w, sd_w, eps[:n])]
+        alpha = [(mu + sd * e).requires_grad_() for mu, sd, e in zip(mu_a, sd_a, eps[n:])]
+        inner = F.cross_entropy(two_layer(x, theta), y)
+        g = torch.autograd.grad(inner, theta, create_graph=True)  # second order
+        fast = [p - a * gi.clamp(-clamp, clamp) for p, a, gi in zip(theta, alpha, g)]
+        meta = F.cross_entropy(two_layer(x, fast), y)
+        grads = torch.autograd.grad(meta, theta + alpha)
+        gw, ga = list(grads[:n]), list(grads[n:])
+        norm = torch.sqrt(sum((gi**2).sum() for gi in gw))
+        gw = [gi * min(1.0, clip / (float(norm) + 1e-6)) for gi in gw]  # weights only
+        for i, gi in enumerate(gw + ga):
+            sums[i] += x.shape[0] * gi
+            sums_eps[i] += x.shape[0] * gi * eps[i]
+    k = len(eps_list)
+    new_mu, new_sd = [], []
+    for mu, sd, s, se in zip(mu_w + mu_a, sd_w + sd_a, sums, sums_eps):
+        e_g, e_ge = s / k, se / k
+        new_mu.append(mu - eta * sd**2 * e_g)
+        new_sd.append(sd * torch.sqrt(1 + (sd * e_ge / 2) ** 2) - sd**2 * e_ge / 2)
+    return new_mu[:n], new_mu[n:], new_sd[:n], new_sd[n:]
+
+
+def test_observe_is_the_hand_computed_bgd_update_of_means_and_stds():
+    m = make(glances=1, memories=0, train_mc_iters=2, inner_batches=1, std_init=0.05,
+             mean_eta=3.0, alpha_init=0.2, grad_clip_norm=0.5, inner_grad_clamp=0.05)
+    x, y, t = batch(4)
+    torch.manual_seed(1)
+    eps_list = [[torch.randn_like(p) for p in list(m.backbone.parameters()) + list(m.alpha)]
+                for _ in range(2)]
+    given = iter(eps_list)
+    m.sample_noise = lambda like: next(given)
+    mu_w, mu_a, sd_w, sd_a = expected_update(m, x, y, eps_list, clip=0.5, clamp=0.05, eta=3.0)
+    w0 = [p.detach().clone() for p in m.backbone.parameters()]
+
+    m.observe(x, y, t)
+
+    for got, want in zip(list(m.backbone.parameters()) + list(m.alpha), mu_w + mu_a):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(list(m.std) + list(m.alpha_std), sd_w + sd_a):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # The update did something: means moved, stds changed away from std_init.
+    assert max((p.detach() - q).abs().max() for p, q in zip(m.backbone.parameters(), w0)) > 1e-4
+    assert max((s - 0.05).abs().max() for s in m.std) > 1e-6
+
+
+def test_training_samples_weights_and_evaluation_uses_the_means():
+    m = make(glances=2, memories=20, replay_batch_size=3, train_mc_iters=3, std_init=0.1)
+    seen = []
+    glance = m.glance_gradients
+
+    def recording(*args, **kwargs):  # the weights each Monte-Carlo look-ahead loss is taken at
+        seen.append([p.detach().clone() for p in m.backbone.parameters()])
+        return glance(*args, **kwargs)
+
+    m.glance_gradients = recording
+    x, y, t = batch(6)
+    before = [p.detach().clone() for p in m.backbone.parameters()]
+    m.observe(x, y, t)
+    assert len(seen) == 2 * 3  # glances x Monte-Carlo samples
+    # Every sample is mu + sigma * eps, at a distance of order std_init from the mean it was
+    # drawn around (the first three around the initial weights), never the mean itself.
+    for sample in seen[:3]:
+        gap = torch.cat([(s - b).flatten() for s, b in zip(sample, before)])
+        assert 0.05 < gap.std() < 0.2
+    assert not torch.equal(seen[0][0], seen[1][0])  # a fresh draw for every sample
+    # At rest the parameters hold the means, and prediction uses exactly them, deterministically.
+    xe = torch.randn(50, *SHAPE)
+    params = [p.detach() for p in m.backbone.parameters()]
+    expected = two_layer(xe, params).argmax(1)
+    assert torch.equal(m.predict(xe, 0), expected)
+    assert torch.equal(m.predict(xe, 0), expected)
+    # The posterior std does not enter prediction.
+    with torch.no_grad():
+        for s in m.std:
+            s.fill_(10.0)
+    assert torch.equal(m.predict(xe, 0), expected)
+
+
+def test_state_dict_restores_means_stds_and_memory():
+    m = make(memories=10, replay_batch_size=2)
+    m.observe(*batch(4))
+    state = m.state_dict()
+    assert {"std.0", "std.3", "alpha_std.0", "alpha.0", "memory.x"} <= set(state)
+    fresh = make(memories=10, replay_batch_size=2)
+    fresh.load_state_dict(state)
+    for a, b in zip(fresh.state_dict().values(), state.values()):
+        assert torch.equal(a, b)
+    assert not torch.equal(fresh.std[0], torch.full_like(fresh.std[0], 0.02))
+    # Buffers follow the module (as .to(device) moves them to a GPU).
+    assert fresh.to(torch.float64).std[0].dtype == torch.float64
+
+
+def test_fixed_step_sizes_without_learn_lr():
+    m = make(learn_lr=False, glances=2)
+    a0 = [a.detach().clone() for a in m.alpha]
+    m.observe(*batch(4))
+    assert len(m.alpha_std) == 0
+    assert all(torch.equal(a.detach(), b) for a, b in zip(m.alpha, a0))
+
+
+def test_needs_a_monte_carlo_sample():
+    with pytest.raises(ConfigError, match="train_mc_iters"):
+        make(train_mc_iters=0)
+
+
+@pytest.mark.parametrize("cell, memories, epochs, glances, std, eta", [
+    ("cifar100_single_pass", 200, 1, 3, 0.02, 50.0),
+    ("cifar100_multi_pass", 200, 10, 1, 0.02, 50.0),
+    ("tinyimagenet_single_pass", 400, 1, 3, 0.015, 30.0),
+    ("tinyimagenet_multi_pass", 400, 10, 1, 0.015, 30.0),
+])
+def test_experiment_files_hold_the_reference_commands(compose, cell, memories, epochs, glances,
+                                                      std, eta):
+    cfg = compose([f"experiment=baselines/meta_bgd_{cell}", "paths.output_dir=/tmp/unused"])
+    m = cfg.method
+    assert m._target_ == "metacl.methods.meta_bgd.MetaBGD" and cfg.model._target_.endswith("PcCNN")
+    assert (m.memories, m.n_epochs, m.glances, m.std_init, m.mean_eta) == (
+        memories, epochs, glances, std, eta)
+    assert (m.train_mc_iters, m.inner_batches, m.alpha_init, m.second_order) == (2, 3, 0.1, True)
+    assert cfg.dataset.validation == 0.1 and cfg.dataset.class_order == "random"
