@@ -161,7 +161,10 @@ class HAT(ContinualMethod):
     def training_step(self, batch, batch_idx):
         n_batches = getattr(self.trainer, "num_training_batches", 0) if self._trainer else 0
         n_batches = n_batches if n_batches and math.isfinite(n_batches) else 1
-        self._progress = batch_idx / n_batches
+        # A run resumed inside an epoch starts its loader (and batch_idx) at a later batch.
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        offset = getattr(getattr(dm, "train_loader", None), "epoch_start_batch", 0)
+        self._progress = (offset + batch_idx) / n_batches
         return super().training_step(batch, batch_idx)
 
     def observe(self, x, y, t):
