@@ -21,8 +21,11 @@ train: $(STAMP)
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest $(ARGS)
 
+# The default experiment (train seconds, RA/BTI), then one MAML meta-batch with Omniglot shapes
+# (per-task loop and vmap, first order, beside the MAML-Pytorch port's structure).
 bench: $(STAMP)
 	WANDB_MODE=disabled $(PY) benchmarks/bench_default.py $(ARGS)
+	$(PY) benchmarks/bench_maml.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks train.py
