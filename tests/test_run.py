@@ -75,7 +75,10 @@ def test_every_method_runs_end_to_end_on_permutations(compose, tmp_path, monkeyp
     assert all(0.0 <= a <= 1.0 for row in R for a in row)
     assert results["metrics"] == pytest.approx(compute_metrics(R, results["accuracy_before"]))
     assert value == results["metrics"]["RA"]
-    assert results["timing"]["train_seconds"] > 0
+    if results["timing"]["train_seconds"] == 0:  # a method that trains nothing (random)
+        assert all(row == results["accuracy_before"] for row in R)
+    else:
+        assert results["timing"]["train_seconds"] > 0
 
 
 def test_checkpoint_restores_the_method_exactly(compose, tmp_path):
