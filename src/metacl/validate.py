@@ -72,20 +72,15 @@ def check_method_numbers(method: DictConfig) -> None:
         x = _number(f"method.{name}", value, "a number > 0")
         if math.isnan(x) or x <= 0:
             raise ConfigError(f"method.{name}={value!r} is invalid; allowed: a number > 0")
-    for name in POSITIVE_COUNTS:
-        value = method.get(name)
-        if value is None:
-            continue
-        x = _number(f"method.{name}", value, "an integer >= 1")
-        if x < 1 or x != int(x):
-            raise ConfigError(f"method.{name}={value!r} is invalid; allowed: an integer >= 1")
-    for name in NON_NEGATIVE_COUNTS:
-        value = method.get(name)
-        if value is None:
-            continue
-        x = _number(f"method.{name}", value, "an integer >= 0")
-        if x < 0 or x != int(x):
-            raise ConfigError(f"method.{name}={value!r} is invalid; allowed: an integer >= 0")
+    for names, least in ((POSITIVE_COUNTS, 1), (NON_NEGATIVE_COUNTS, 0)):
+        for name in names:
+            value = method.get(name)
+            if value is None:
+                continue
+            allowed = f"an integer >= {least}"
+            x = _number(f"method.{name}", value, allowed)
+            if x < least or x != int(x):
+                raise ConfigError(f"method.{name}={value!r} is invalid; allowed: {allowed}")
 
 
 def check_protocols(cfg: DictConfig) -> str:
