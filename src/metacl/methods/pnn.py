@@ -15,6 +15,7 @@ never change. Needs an MLP backbone (its input size and hidden sizes); its weigh
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -38,7 +39,7 @@ class Column(nn.Module):
         super().__init__()
         sizes = (n_in, *hidden)
         self.layers = nn.ParameterList()
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        for fan_in, fan_out in itertools.pairwise(sizes):
             self.layers.extend(_linear(fan_in, fan_out))
         # laterals[l-1][j]: layer l-1 of column j -> layer l of this column (l >= 1)
         self.laterals = nn.ParameterList(
