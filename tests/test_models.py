@@ -10,8 +10,8 @@ from torch.func import vmap
 
 from metacl.errors import ConfigError
 from metacl.models import BACKBONES, MLP, Backbone, PcCNN, ResNet18, build_backbone
-from metacl.models.conv4 import Conv4
 from metacl.models.alexnet import AlexNet
+from metacl.models.conv4 import Conv4
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)
