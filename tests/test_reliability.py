@@ -24,6 +24,7 @@ from metacl import checkpoint
 from metacl import run as run_module
 from metacl.checkpoint import Interrupted
 from metacl.errors import ConfigError
+from metacl.fewshot.loop import EpisodicCheckpoints
 from metacl.run import main as run_main
 
 from .conftest import CONF, ROOT
@@ -258,6 +259,65 @@ def test_few_shot_method_state_round_trips_through_a_weights_only_file(compose, 
     x = torch.rand(2, *info.input_shape)
     trained.eval(), fresh.eval()
     assert torch.equal(trained.backbone(x), fresh.backbone(x))
+
+
+_ORIGINAL_ON_BATCH = EpisodicCheckpoints.on_batch
+
+
+def _stop_episodic_at(monkeypatch, at_step: int, signum=signal.SIGTERM):
+    """Deliver a real signal to this process after meta-batch `at_step`."""
+    original = EpisodicCheckpoints.on_batch
+
+    def on_batch(self, stream, trainer, pl_module, batch_idx):
+        if stream.step == at_step:
+            os.kill(os.getpid(), signum)
+        return original(self, stream, trainer, pl_module, batch_idx)
+
+    monkeypatch.setattr(EpisodicCheckpoints, "on_batch", on_batch)
+
+
+FEW_SHOT_KEYS = ("test_acc_per_step", "test_loss_per_step", "val_acc_per_epoch", "val_acc")
+
+
+# 3 epochs of 3 meta-batches: stopped inside epoch 1 (step 5), or on its last meta-batch
+# (step 6: the checkpoint waits for the epoch's validation), with and without periodic saves.
+@pytest.mark.parametrize(("method", "at_step", "every"), [
+    ("maml", 5, 0), ("maml", 6, 2), ("meta_sgd", 5, 1), ("protonet", 4, 0)])
+def test_a_stopped_few_shot_run_resumes_to_the_same_results(compose, tmp_path, monkeypatch,
+                                                          method, at_step, every):
+    """SIGTERM during meta-training, resume=true: the weights, the optimizer and LR-schedule
+    states, the episode generator and the validation history come back, so the test and val
+    results equal an uninterrupted run's exactly."""
+    common = ["debug=fast", "dataset=digits_fewshot", "model=conv4", f"method={method}",
+              "method.n_epochs=3", "dataset.limit_tasks=3", "dataset.val_episodes=10",
+              "method.meta_batch_size=2", f"checkpoint.every_n_steps={every}"]
+    if method != "protonet":
+        common += ["method.lr_step=4"]  # a StepLR whose state must come back too
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    run_main(compose([*common, f"paths.output_dir={full_dir}"]))
+    full = _results(full_dir)
+
+    _stop_episodic_at(monkeypatch, at_step)
+    with pytest.raises(Interrupted):
+        run_main(compose([*common, f"paths.output_dir={cut_dir}"]))
+    cut = _results(cut_dir)
+    assert cut["status"] == "interrupted" and "SIGTERM" in cut["error"]
+    state = torch.load(cut_dir / "checkpoints" / checkpoint.BOUNDARY_FILE, weights_only=True)
+    expected = {"epoch": 1, "batch": 2} if at_step == 5 else {"epoch": 2, "batch": 0}
+    if at_step == 4:
+        expected = {"epoch": 1, "batch": 1}
+    assert state["position"] == expected and state["step"] == at_step
+    assert len(state["validation"]["history"]) == expected["epoch"]
+    monkeypatch.setattr(EpisodicCheckpoints, "on_batch", _ORIGINAL_ON_BATCH)
+
+    run_main(compose([*common, f"paths.output_dir={cut_dir}", "resume.path=true"]))
+    resumed = _results(cut_dir)
+    assert resumed["status"] == "completed" and "error" not in resumed
+    for key in FEW_SHOT_KEYS:
+        assert resumed["metrics"][key] == full["metrics"][key], key
+    # a finished run resumed again trains nothing and reports the stored metric
+    assert run_main(compose([*common, f"paths.output_dir={cut_dir}", "resume.path=true"])
+                    ) == full["metrics"]["test_acc"]
 
 
 # ------------------------------------------------------------------------------ subprocesses

@@ -151,8 +151,10 @@ def _get(config: dict, dotted: str):
 
 
 # ------------------------------------------------------------------------------ method state
-def optimizers_of(method) -> list[torch.optim.Optimizer]:
-    """The optimizers a method hands Lightning (created once in __init__, per the contract)."""
+def optimizers_of(method) -> list:
+    """The optimizers a method hands Lightning, then its LR schedulers (`([opts], [scheds])`):
+    every object whose state_dict a checkpoint keeps. configure_optimizers must hand out the
+    same objects on every call (created once, per the contract)."""
     found = method.configure_optimizers()
     if found is None:
         return []

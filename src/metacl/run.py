@@ -37,12 +37,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from metacl import checkpoint
-from metacl.checkpoint import Interrupted, StopSignals, plan_resume, resume_request
+from metacl.checkpoint import Interrupted, StopSignals, plan_resume
 from metacl.cli import user_error as find_user_error
 from metacl.errors import ConfigError
 from metacl.metrics import METRIC_KEYS, compute_metrics, partial_metrics
 from metacl.metrics.plots import save_matrix_csv, save_matrix_heatmap
-from metacl.resolvers import is_set
 from metacl.validate import check_writable, validate_config
 
 log = logging.getLogger(__name__)
@@ -239,11 +238,17 @@ def check_optimized_metric(metric: str, has_validation: bool) -> None:
 
 
 # How a run proceeds is decided by its datamodule's `protocol`, never by the method's name:
-# a stream of tasks (continual) or episodes of few-shot tasks (meta-learning).
+# a stream of tasks (continual) or episodes of few-shot tasks (meta-learning). Each protocol
+# names its runner and how it reads the optimized metric back from a finished run's results.
 PROTOCOLS = {
-    "continual": "metacl.run:run_continual",
-    "episodic": "metacl.fewshot.loop:run_episodic",
+    "continual": ("metacl.run:run_continual", "metacl.run:finished_metric"),
+    "episodic": ("metacl.fewshot.loop:run_episodic", "metacl.fewshot.loop:finished_metric"),
 }
+
+
+def _protocol_function(protocol: str, which: int):
+    module_name, function_name = PROTOCOLS[protocol][which].split(":")
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 def main(cfg: DictConfig) -> float:
@@ -352,23 +357,16 @@ def _main(cfg: DictConfig) -> float:
     # loaded and before anything is written (metacl.validate).
     protocol = validate_config(cfg)
     device = resolve_device(cfg.trainer.accelerator)
-    plan = None
-    if protocol == "continual":
-        plan = plan_resume(cfg, out_dir, resolved_config(cfg, job_info(cfg)))
-        if plan is not None and plan.finished:
-            return _report_finished(cfg, plan)
-    elif is_set(resume_request(cfg)[0]):
-        raise ConfigError("resume is supported for continual runs; a few-shot run starts over "
-                          "(leave resume unset)")
+    plan = plan_resume(cfg, out_dir, resolved_config(cfg, job_info(cfg)))
+    if plan is not None and plan.finished:
+        console.print(f"{plan.out_dir} already completed; nothing to resume. "
+                      f"results: {plan.out_dir / 'results.json'}")
+        return _protocol_function(protocol, 1)(cfg, plan.boundary["results"])
     check_writable(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, verbose=False)
     dm = instantiate(cfg.dataset).build().to(device)
-    module_name, function_name = PROTOCOLS[protocol].split(":")
-    runner = getattr(importlib.import_module(module_name), function_name)
-    if protocol == "continual":
-        return runner(cfg, dm, device, out_dir, started, resume=plan)
-    return runner(cfg, dm, device, out_dir, started)
+    return _protocol_function(protocol, 0)(cfg, dm, device, out_dir, started, resume=plan)
 
 
 def _metric_values(results: dict) -> dict:
@@ -379,10 +377,9 @@ def _metric_values(results: dict) -> dict:
     return values
 
 
-def _report_finished(cfg: DictConfig, plan) -> float:
-    results = plan.boundary["results"]
-    console.print(f"{plan.out_dir} already completed; nothing to resume. "
-                  f"results: {plan.out_dir / 'results.json'}")
+def finished_metric(cfg: DictConfig, results: dict) -> float:
+    """cfg.optimized_metric of a finished continual run's results (a resume that has nothing
+    left to do)."""
     return _metric_values(results)[cfg.get("optimized_metric", "RA")]
 
 
@@ -555,7 +552,8 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
                             callbacks=[callback] + ([schedule] if schedule is not None else []),
                         )
                         if position is not None:
-                            _start_inside_task(trainer, dm, position, progress, bar)
+                            start_mid_training(trainer, dm, position, progress, bar,
+                                               len(dm.train_loader))
                         trainer.fit(method, datamodule=dm)
                         step = callback.step
                         results["timing"]["train_seconds"] += callback.seconds
@@ -636,14 +634,15 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
     return _metric_values(results)[metric]
 
 
-def _start_inside_task(trainer, dm, position: dict, progress, bar) -> None:
-    """Make a fresh Trainer begin at a stored epoch and batch of the task (see
-    metacl.checkpoint): Lightning counts the epochs already done, the loader replays the stored
-    shuffle order from the next batch."""
+def start_mid_training(trainer, dm, position: dict, progress, bar,
+                       batches_per_epoch: int) -> None:
+    """Make a fresh Trainer begin at a stored epoch and batch (a task's, or few-shot
+    meta-training's; see metacl.checkpoint): Lightning counts the epochs already done, the
+    loader goes on from the next batch (replaying a stored shuffle order, if any)."""
     epoch, batch = int(position["epoch"]), int(position["batch"])
     epochs = trainer.fit_loop.epoch_progress
     for counter in (epochs.total, epochs.current):
         counter.ready = counter.started = counter.processed = counter.completed = epoch
     if batch or position.get("order") is not None:
         dm.resume_train_at(position.get("order"), batch)
-    progress.advance(bar, epoch * len(dm.train_loader) + batch)
+    progress.advance(bar, epoch * batches_per_epoch + batch)

@@ -482,16 +482,23 @@ class Sinusoid:
 
 
 class EpisodeStream:
-    """``n_batches`` fresh meta-batches of ``tasks`` episodes each (one training epoch)."""
+    """``n_batches`` fresh meta-batches of ``tasks`` episodes each (one training epoch).
 
-    def __init__(self, draw, n_batches: int, tasks: int) -> None:
+    ``start`` > 0 (a resumed run) makes the next epoch begin after that many meta-batches: the
+    generator's state was restored, so the rest of the epoch draws what it drew originally.
+    """
+
+    def __init__(self, draw, n_batches: int, tasks: int, start: int = 0) -> None:
         self.draw, self.n_batches, self.tasks = draw, n_batches, tasks
+        self.start = int(start)
+        self.epoch_start_batch = 0  # meta-batches of this epoch done before the iteration began
 
     def __len__(self) -> int:
         return self.n_batches
 
     def __iter__(self) -> Iterator[Episodes]:
-        for _ in range(self.n_batches):
+        self.epoch_start_batch, self.start = self.start, 0
+        for _ in range(self.n_batches - self.epoch_start_batch):
             yield self.draw(self.tasks)
 
 
@@ -587,6 +594,8 @@ class EpisodicDataModule(pl.LightningDataModule):
         self.fixed: dict[str, FixedEpisodes] = {}
         self.input_shape: tuple[int, ...] = (1,)
         self.generator: torch.Generator | None = None
+        self.train_loader: EpisodeStream | None = None
+        self._resume_batch = 0
 
     def _source_options(self, **given) -> dict:
         """The options this source takes; setting one it does not take is an error."""
@@ -688,7 +697,18 @@ class EpisodicDataModule(pl.LightningDataModule):
         return pool.assemble(cls, images, self.train_shots)
 
     def train_dataloader(self) -> EpisodeStream:
-        return EpisodeStream(self.draw_train, self.meta_batches_per_epoch, self.meta_batch_size)
+        self.train_loader = EpisodeStream(self.draw_train, self.meta_batches_per_epoch,
+                                          self.meta_batch_size, start=self._resume_batch)
+        self._resume_batch = 0
+        return self.train_loader
+
+    def resume_train_at(self, order, batch: int) -> None:
+        """The next train_dataloader() begins its first epoch after `batch` meta-batches (a
+        resumed run; the caller restores ``generator``'s state). Episodes have no shuffle
+        order to replay: `order` must be None."""
+        if order is not None:
+            raise ValueError("episodic training draws fresh episodes; there is no order")
+        self._resume_batch = int(batch)
 
     def eval_episodes(self, split: str) -> FixedEpisodes:
         """The fixed ``val`` or ``test`` episodes (``batches(n)`` yields them on the device)."""

@@ -96,6 +96,7 @@ class MetaLearner(pl.LightningModule):
         self.eval_batch_size = int(eval_batch_size or meta_batch_size)
         self.vectorize = vectorize
         self.last_loss: Tensor | None = None
+        self._optimizers = None  # configure_optimizers' result, built on its first call
 
     # ----------------------------------------------------------------- what subclasses provide
     def functional_state(self) -> tuple[list[Tensor], ...]:
@@ -148,12 +149,17 @@ class MetaLearner(pl.LightningModule):
 
     # ----------------------------------------------------------------- training
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.meta_lr)
-        if not self.lr_step:
-            return optimizer
-        # Stepped by hand once per meta-batch (manual optimization).
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, int(self.lr_step), self.lr_gamma)
-        return [optimizer], [scheduler]
+        """Adam on every parameter (and a StepLR, stepped by hand once per meta-batch), built
+        once and handed out again on every call: a resumed run loads their states before
+        Lightning asks for them (metacl.checkpoint.capture / restore)."""
+        if self._optimizers is None:
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.meta_lr)
+            self._optimizers = optimizer
+            if self.lr_step:
+                scheduler = torch.optim.lr_scheduler.StepLR(optimizer, int(self.lr_step),
+                                                            self.lr_gamma)
+                self._optimizers = ([optimizer], [scheduler])
+        return self._optimizers
 
     def backprop(self, loss: Tensor) -> None:
         """Lightning's manual_backward inside a Trainer; plain backward outside one (tests,
