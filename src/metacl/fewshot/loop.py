@@ -32,12 +32,12 @@ from metacl.run import (
     _atomic_write,
     _check_finite_loss,
     _check_finite_weights,
-    start_mid_training,
     _synchronize,
     console,
     mark_stopped,
     new_results,
     set_threads,
+    start_mid_training,
     start_run,
 )
 
