@@ -6,6 +6,7 @@ from hydra.utils import get_class, instantiate
 
 from metacl.models.backbones import MLP
 from metacl.task_info import TaskInfo
+from metacl.validate import validate_config
 
 from .conftest import CONF
 
@@ -84,6 +85,8 @@ def test_every_experiment_composes_and_instantiates(compose):
     for experiment in experiments:
         cfg = compose([f"experiment={experiment}", "paths.output_dir=/tmp/unused"])
         _instantiate_all(cfg)
+        # and the config rules accept it (they run before any data is loaded)
+        assert validate_config(cfg) in ("continual", "episodic"), experiment
 
 
 def test_defaults_are_the_documented_default_experiment(compose):

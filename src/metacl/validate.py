@@ -160,10 +160,10 @@ def check_continual_dataset(ds: DictConfig) -> tuple[int, ...] | None:
         if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
             raise ConfigError(f"dataset.n_tasks={n_tasks!r} is invalid; allowed: an integer >= 1")
     samples = ds.get("samples_per_task")
-    if samples is not None and ds.get("scenario") != "class_split":
+    if samples not in (None, "all") and ds.get("scenario") != "class_split":
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ConfigError(f"dataset.samples_per_task={samples!r} is invalid; allowed: an "
-                              "integer >= 1")
+                              "integer >= 1, or all")
         available = facts["train"]
         if available is not None and samples > available:
             raise ConfigError(f"dataset.samples_per_task={samples} is larger than the "
