@@ -275,3 +275,51 @@ def test_pathnet_matches_the_models_size_and_refuses_other_models():
     assert 0.8 * size <= sum(p.numel() for p in method.evolved()) <= size
     with pytest.raises(ConfigError, match="needs model=mlp|from model=mlp"):
         PathNet(torch.nn.Linear(1, 1), INFO)
+
+
+# ------------------------------------------------------------------------------ conv PNN
+def test_conv_pnn_columns_are_frozen_have_laterals_and_the_references_sizes():
+    from metacl.methods.pnn import PNN
+    from metacl.models.alexnet import AlexNet
+
+    shape = (3, 16, 16)
+    info = TaskInfo(3, shape, 6, ((0, 1), (2, 3), (4, 5)), "class")
+    backbone = AlexNet(shape, 6, channels=(20, 20, 20), hidden=30)
+    method = detached(PNN(backbone, info, lr=0.5))
+    # 1.117 / 3 of every width, as the reference shrinks its columns
+    assert [c.out_channels for c in method.columns[0].convs] == [7, 7, 7]
+    assert method.columns[0].fcs[0].out_features == 11 and method.columns[0].laterals is None
+    tasks = []
+    for classes in info.task_classes:
+        y = torch.tensor(classes).repeat(4)
+        tasks.append(SimpleNamespace(x_train=torch.randn(8, *shape) + y[:, None, None, None],
+                                     y_train=y))
+    dm = SimpleNamespace(tasks=tasks, prepare_batch=lambda x, train: x.float())
+    x0 = tasks[0].x_train
+    for t in range(3):
+        method.before_task(t, dm)
+        if t:
+            method.eval()
+            with torch.no_grad():
+                before = method(x0, 0).clone()
+            method.train()
+            frozen = [p.detach().clone() for c in method.columns[:t] for p in c.parameters()]
+        x, y = tasks[t].x_train, tasks[t].y_train
+        for _ in range(3):
+            method.observe(x, y, torch.full_like(y, t))
+        assert method(x, t).shape == (8, 6)
+        if t:
+            after = [p for c in method.columns[:t] for p in c.parameters()]
+            assert all(torch.equal(a, b) for a, b in zip(after, frozen))
+            method.eval()
+            with torch.no_grad():
+                assert torch.equal(method(x0, 0), before)
+            method.train()
+        method.after_task(t, dm)
+    # column 2 reads both earlier columns through 5 adapters (conv2, conv3, fc1, fc2, head)
+    laterals = method.columns[2].laterals
+    assert len(laterals) == 5 and all(a.scales.shape == (2,) for a in laterals)
+    assert isinstance(laterals[0].V, torch.nn.Conv2d) and laterals[0].V.in_channels == 14
+    assert all(a.U.weight.grad is not None and a.U.weight.grad.abs().sum() > 0 for a in laterals)
+    with pytest.raises(ConfigError, match="column_scale"):
+        PNN(backbone, info, column_hidden=[4])
