@@ -31,6 +31,7 @@ checkpoint taken after any batch resumes bit for bit.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +126,9 @@ def matching_scale(backbone, n_modules: int, n_heads: int, n_out: int) -> float:
 
 
 class PathNet(ContinualMethod):
+    # the models it reads sizes from, checked by metacl.validate (class -> config names)
+    network_models: ClassVar[dict[str, str]] = {"MLP": "mlp, mlp_hat", "AlexNet": "alexnet"}
+
     def __init__(self, backbone, task_info, lr: float = 0.05, n_modules: int = 16,
                  modules_per_path: int = 3, population: int = 2, generations: int = 20,
                  turn_batches: int | None = None, mutation_prob: float | None = None,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +138,9 @@ class ConvColumn(nn.Module):
 
 
 class PNN(ContinualMethod):
+    # the models it reads sizes from, checked by metacl.validate (class -> config names)
+    network_models: ClassVar[dict[str, str]] = {"MLP": "mlp, mlp_hat", "AlexNet": "alexnet"}
+
     def __init__(self, backbone, task_info, lr: float = 0.05,
                  column_hidden: list[int] | None = None, column_scale: float | None = None,
                  grad_clip_norm: float | None = 10000.0, **kwargs):
