@@ -108,6 +108,8 @@ ROWS = [
      ["dataset.samples_per_task=5000", "4000"]),
     ("task ids needed", [f"method._target_={__name__}.TaskIdOnlyMethod"], None,
      ["TaskIdOnlyMethod", "dataset.scenario=mnist_rotations", "class_split"]),
+    ("pathnet on a model it cannot read", ["method=pathnet", "model=pc_cnn"], None,
+     ["PathNet", "model=PcCNN", "mlp, mlp_hat, alexnet"]),
     ("model input mismatch", ["dataset=sinusoid", "method=maml", "model=conv4"], None,
      ["model=Conv4", "(1,)"]),
     ("few-shot ways > classes", ["dataset=digits_fewshot", "method=maml", "model=conv4",

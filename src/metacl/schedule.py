@@ -111,5 +111,7 @@ class PlateauSchedule(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.epochs_per_task.append(self.epochs)
-        if self.restore_best:
+        # A method that keeps its own best state (PathNet: parameters that belong with its
+        # evolved paths) restores it in after_task; restoring another epoch's would undo that.
+        if self.restore_best and not getattr(pl_module, "keeps_own_best", False):
             self.restore(pl_module, self.best_state)

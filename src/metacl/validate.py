@@ -15,6 +15,7 @@ Data files themselves (missing, corrupt, wrong shape) are checked where they are
 |                          | (lr > 0 or inf/nan is refused; counts >= 1; memories >= 0)     |
 | method fits the dataset  | method class protocol == dataset class protocol                |
 | task ids exist           | a method needing task ids at test time on a scenario with them |
+| method builds on model   | pathnet/pnn (a class's `network_models`): model=mlp/mlp_hat/alexnet |
 | classes split into tasks | dataset.n_tasks, classes_per_task, init_cls_num, inc_cls_num   |
 | enough samples           | dataset.samples_per_task <= training samples of the source     |
 | model takes the input    | model built and run on one zero batch of the dataset's shape   |
@@ -214,6 +215,20 @@ def check_task_ids(cfg: DictConfig, protocol: str) -> None:
                           "allowed: a class_split dataset")
 
 
+def check_network_model(cfg: DictConfig) -> None:
+    """A method that builds its own network from the model's sizes (PathNet's modules, PNN's
+    columns) names the model classes it can read in `network_models` (class -> config names)."""
+    allowed = getattr(get_class(cfg.method._target_), "network_models", None)
+    if not allowed:
+        return
+    model = cfg.model._target_.rsplit(".", 1)[-1]
+    if model not in allowed:
+        method = cfg.method._target_.rsplit(".", 1)[-1]
+        raise ConfigError(f"method {method} builds its network from the model's sizes and "
+                          f"cannot read model={model}; allowed: model="
+                          f"{', '.join(allowed.values())}")
+
+
 _MODEL_CHECKS: dict[str, str | None] = {}  # model config + shape -> problem (None = fits)
 
 
@@ -289,6 +304,7 @@ def validate_config(cfg: DictConfig) -> str:
         raise ConfigError(f"threads={threads!r} is invalid; allowed: auto, null (torch's "
                           "default) or an integer >= 1")
     check_task_ids(cfg, protocol)
+    check_network_model(cfg)
     if protocol == "continual":
         shape = check_continual_dataset(cfg.dataset)
         facts = CONTINUAL_SOURCES.get(cfg.dataset.get("source"), {"classes": 10})

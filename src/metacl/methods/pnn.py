@@ -1,4 +1,4 @@
-"""Progressive Neural Networks (Rusu et al. 2016), the fully connected form HAT compares with.
+"""Progressive Neural Networks (Rusu et al. 2016), the two forms HAT compares with.
 
 One column per task, each a ReLU MLP with the backbone's layer sizes (`column_hidden`
 overrides them: the reference shrinks the columns so that all of them together stay near the
@@ -10,13 +10,24 @@ column and, through lateral weights U_l^{t<-j}, layer l-1 of every earlier colum
 and task t is read from its own head on h_L^t (masked to its classes on class splits). Training
 task t updates only column t (its weights, laterals and head): the earlier columns' activations
 enter detached and the optimizer holds column t's parameters alone, so earlier tasks' outputs
-never change. Needs an MLP backbone (its input size and hidden sizes); its weights are unused.
+never change. With an MLP backbone (model=mlp, mlp_hat) the columns are MLPs as above.
+
+With model=alexnet the columns are the reference's AlexNet-like ones (HAT's
+networks/alexnet_progressive.py): three convolutions and two fc layers, every width scaled by
+`column_scale` (default 1.117 / n_tasks, the reference's, so that all columns together stay
+near one AlexNet's size). Layers 2..5 and the head of column t also read the previous layer of
+every earlier column through an adapter (Rusu et al. Sec. 2): the earlier activations, each
+times a learned scalar, are concatenated, reduced by V (a 1x1 convolution before a conv layer,
+a linear map before an fc layer) to the width of one earlier layer, passed through ReLU (not
+before the head) and mapped by U (the layer's own kernel size) into the layer's
+pre-activation. Only the backbone's sizes and dropout are read; its weights are unused.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +35,7 @@ from torch import Tensor, nn
 
 from metacl.errors import ConfigError
 from metacl.methods.base import MASK_VALUE, ContinualMethod
+from metacl.models.alexnet import AlexNet
 from metacl.models.backbones import MLP
 
 
@@ -50,7 +62,7 @@ class Column(nn.Module):
 
     def forward(self, x: Tensor, earlier: list[list[Tensor]]) -> tuple[Tensor, list[Tensor]]:
         """Logits and this column's hidden activations; `earlier[j]` holds column j's."""
-        hs, h = [], x
+        hs, h = [], x.reshape(x.shape[0], -1)
         for l in range(self.depth):
             out = F.linear(h, self.layers[2 * l], self.layers[2 * l + 1])
             if l > 0:
@@ -61,18 +73,93 @@ class Column(nn.Module):
         return F.linear(h, self.head[0], self.head[1]), hs
 
 
+class Adapter(nn.Module):
+    """Lateral input from t earlier columns' layer (width `width_in`) into a layer of width
+    `width_out`: U(act(V(concat_j alpha_j h_j))), V a 1x1 conv / linear back to `width_in`."""
+
+    def __init__(self, t: int, width_in: int, width_out: int, kernel: int | None,
+                 nonlinear: bool = True):
+        super().__init__()
+        self.scales = nn.Parameter(torch.randn(t))  # the reference's nn.Embedding(1, t) init
+        if kernel is None:
+            self.V, self.U = nn.Linear(t * width_in, width_in), nn.Linear(width_in, width_out)
+        else:
+            self.V = nn.Conv2d(t * width_in, width_in, 1)
+            self.U = nn.Conv2d(width_in, width_out, kernel)
+        self.nonlinear = nonlinear
+
+    def forward(self, earlier: list[Tensor]) -> Tensor:
+        h = self.V(torch.cat([a * h for a, h in zip(self.scales, earlier)], dim=1))
+        return self.U(F.relu(h) if self.nonlinear else h)
+
+
+class ConvColumn(nn.Module):
+    """Column t of the AlexNet-like PNN: its layers, adapters from the t earlier columns into
+    layers 2..5 and the head, and its head."""
+
+    def __init__(self, t: int, backbone: AlexNet, scale: float, n_out: int):
+        super().__init__()
+        c_in, size, _ = backbone.input_shape
+        widths = [max(1, int(scale * c)) for c in backbone.channels]
+        fc = max(1, int(scale * backbone.hidden))
+        self.convs = nn.ModuleList()
+        for c, k in zip(widths, backbone.kernels):
+            self.convs.append(nn.Conv2d(c_in, c, k))
+            c_in, size = c, (size - k + 1) // 2
+        flat = c_in * size * size
+        self.fcs = nn.ModuleList([nn.Linear(flat, fc), nn.Linear(fc, fc)])
+        self.head = nn.Linear(fc, n_out)
+        self.dropout = (*backbone.conv_dropout, backbone.fc_dropout, backbone.fc_dropout)
+        # inputs of layers 1.. (0-based) are the outputs of layers 0..: conv widths, flat, fc
+        ins = [*widths[:-1], flat, fc, fc]
+        outs = [*widths[1:], fc, fc, n_out]
+        kernels = [*backbone.kernels[1:], None, None, None]
+        self.laterals = nn.ModuleList(
+            Adapter(t, w_in, w_out, k, nonlinear=l < len(outs) - 1)
+            for l, (w_in, w_out, k) in enumerate(zip(ins, outs, kernels))) if t else None
+        self.t, self.n_conv = t, len(widths)
+
+    def forward(self, x: Tensor, earlier: list[list[Tensor]]) -> tuple[Tensor, list[Tensor]]:
+        hs, h = [], x
+        layers = [*self.convs, *self.fcs, self.head]
+        for l, layer in enumerate(layers):
+            out = layer(h)
+            if l > 0 and self.t:
+                out = out + self.laterals[l - 1]([e[l - 1] for e in earlier])
+            if l == len(layers) - 1:
+                return out, hs
+            h = F.dropout(F.relu(out), self.dropout[l], self.training)
+            if l < self.n_conv:
+                h = F.max_pool2d(h, 2)
+                if l == self.n_conv - 1:
+                    h = h.flatten(1)
+            hs.append(h)
+        raise AssertionError("unreachable")
+
+
 class PNN(ContinualMethod):
+    # the models it reads sizes from, checked by metacl.validate (class -> config names)
+    network_models: ClassVar[dict[str, str]] = {"MLP": "mlp, mlp_hat", "AlexNet": "alexnet"}
+
     def __init__(self, backbone, task_info, lr: float = 0.05,
-                 column_hidden: list[int] | None = None, grad_clip_norm: float | None = 10000.0,
-                 **kwargs):
+                 column_hidden: list[int] | None = None, column_scale: float | None = None,
+                 grad_clip_norm: float | None = 10000.0, **kwargs):
         super().__init__(backbone, task_info, **kwargs)
-        if not isinstance(backbone, MLP):
-            raise ConfigError(f"method=pnn builds MLP columns and needs model=mlp or mlp_hat, "
-                              f"not {type(backbone).__name__}")
-        hidden = tuple(int(h) for h in (column_hidden or backbone.hidden))
-        n_in = math.prod(task_info.input_shape)
-        self.columns = nn.ModuleList(Column(t, n_in, hidden, task_info.n_outputs)
-                                     for t in range(task_info.n_tasks))
+        T, n_out = task_info.n_tasks, task_info.n_outputs
+        if isinstance(backbone, AlexNet):
+            if column_hidden is not None:
+                raise ConfigError("method.column_hidden sizes MLP columns; with model=alexnet "
+                                  "set method.column_scale")
+            scale = column_scale or 1.117 / T  # the reference's expand factor over the tasks
+            self.columns = nn.ModuleList(ConvColumn(t, backbone, scale, n_out) for t in range(T))
+        elif isinstance(backbone, MLP):
+            hidden = tuple(int(h) for h in column_hidden) if column_hidden else tuple(
+                max(1, int((column_scale or 1.0) * h)) for h in backbone.hidden)
+            n_in = math.prod(task_info.input_shape)
+            self.columns = nn.ModuleList(Column(t, n_in, hidden, n_out) for t in range(T))
+        else:
+            raise ConfigError(f"method=pnn builds MLP or AlexNet-like columns and needs "
+                              f"model=mlp, mlp_hat or alexnet, not {type(backbone).__name__}")
         self.lr, self.grad_clip_norm = lr, grad_clip_norm
         self._task = 0
         self.optimizer = self._column_optimizer(0)
@@ -89,7 +176,7 @@ class PNN(ContinualMethod):
         self.optimizer = self._column_optimizer(t)  # only the new column learns
 
     def task_logits(self, x: Tensor, t: int) -> Tensor:
-        x = x.reshape(x.shape[0], -1)
+        x = x.reshape(x.shape[0], *self.task_info.input_shape)
         earlier = []
         with torch.no_grad():  # frozen columns: their activations enter as constants
             for j in range(t):
