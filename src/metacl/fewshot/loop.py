@@ -5,6 +5,7 @@
         after each epoch: adapt on the fixed val episodes, log val accuracy
     test = method.evaluate(test episodes)              # (episodes, inner steps + 1)
     results.json: mean and 95% CI after every inner step (step 0 = before adaptation)
+    checkpoints/last.ckpt: during meta-training and at the end; resume=true continues a run
 
 ``metacl.run.main`` calls ``run_episodic`` for datamodules whose ``protocol`` is "episodic" (and
 refuses methods whose class ``protocol`` differs).
