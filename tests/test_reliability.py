@@ -288,9 +288,12 @@ def test_a_stopped_few_shot_run_resumes_to_the_same_results(compose, tmp_path, m
     """SIGTERM during meta-training, resume=true: the weights, the optimizer and LR-schedule
     states, the episode generator and the validation history come back, so the test and val
     results equal an uninterrupted run's exactly."""
-    common = ["debug=fast", "dataset=digits_fewshot", "model=conv4", f"method={method}",
-              "method.n_epochs=3", "dataset.limit_tasks=3", "dataset.val_episodes=10",
+    common = ["debug=fast", "dataset=digits_fewshot", "model=conv4", "model.channels=8",
+              f"method={method}", "method.n_epochs=3", "dataset.limit_tasks=3",
+              "dataset.val_episodes=6", "dataset.limit_test_per_task=10",
               "method.meta_batch_size=2", f"checkpoint.every_n_steps={every}"]
+    if method != "protonet":
+        common += ["method.inner_steps_test=3"]
     if method != "protonet":
         common += ["method.lr_step=4"]  # a StepLR whose state must come back too
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
