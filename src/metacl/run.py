@@ -241,13 +241,15 @@ def check_optimized_metric(metric: str, has_validation: bool) -> None:
 # a stream of tasks (continual) or episodes of few-shot tasks (meta-learning). Each protocol
 # names its runner and how it reads the optimized metric back from a finished run's results.
 PROTOCOLS = {
-    "continual": ("metacl.run:run_continual", "metacl.run:finished_metric"),
-    "episodic": ("metacl.fewshot.loop:run_episodic", "metacl.fewshot.loop:finished_metric"),
+    "continual": {"run": "metacl.run:run_continual",
+                  "finished_metric": "metacl.run:finished_metric"},
+    "episodic": {"run": "metacl.fewshot.loop:run_episodic",
+                 "finished_metric": "metacl.fewshot.loop:finished_metric"},
 }
 
 
-def _protocol_function(protocol: str, which: int):
-    module_name, function_name = PROTOCOLS[protocol][which].split(":")
+def _protocol_function(protocol: str, role: str):
+    module_name, function_name = PROTOCOLS[protocol][role].split(":")
     return getattr(importlib.import_module(module_name), function_name)
 
 
@@ -361,12 +363,12 @@ def _main(cfg: DictConfig) -> float:
     if plan is not None and plan.finished:
         console.print(f"{plan.out_dir} already completed; nothing to resume. "
                       f"results: {plan.out_dir / 'results.json'}")
-        return _protocol_function(protocol, 1)(cfg, plan.boundary["results"])
+        return _protocol_function(protocol, "finished_metric")(cfg, plan.boundary["results"])
     check_writable(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, verbose=False)
     dm = instantiate(cfg.dataset).build().to(device)
-    return _protocol_function(protocol, 0)(cfg, dm, device, out_dir, started, resume=plan)
+    return _protocol_function(protocol, "run")(cfg, dm, device, out_dir, started, resume=plan)
 
 
 def _metric_values(results: dict) -> dict:
