@@ -3,6 +3,7 @@
     python benchmarks/bench_maml.py                  # per-task loop and vmap, first order
     python benchmarks/bench_maml.py --second-order   # the same, second order
     python benchmarks/bench_maml.py --threads 1      # torch intra-op threads (default: torch's)
+    python benchmarks/bench_maml.py --cpu-allocator system    # glibc untouched
 
 The setting of the issue: Conv4 with 64 filters on 28x28 inputs, 5-way 1-shot, 15 queries per
 class, 5 inner steps, meta-batch of 32 tasks, random inputs. Timed: one whole meta-update
@@ -15,6 +16,9 @@ class, 5 inner steps, meta-batch of 32 tasks, random inputs. Timed: one whole me
   comparison on the same machine and at the same time: tasks in a Python loop, inner
   gradients by ``torch.autograd.grad`` without ``create_graph`` (first order, as written), the
   query loss recomputed after every inner step with graph, one backward at the end.
+
+The process takes the C library's malloc settings a run takes (``cpu_allocator: tuned``,
+metacl.allocator) unless ``--cpu-allocator system``; they apply to all three rows.
 
 On a shared machine absolute times move with the load; compare the rows of one invocation.
 """
@@ -29,6 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from metacl.allocator import ALLOCATOR_SETTINGS, set_cpu_allocator
 from metacl.data.episodic import EpisodeInfo, Episodes
 from metacl.fewshot.maml import MAML
 from metacl.models.conv4 import Conv4
@@ -119,12 +124,14 @@ def main() -> None:
     parser.add_argument("--second-order", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cpu-allocator", choices=ALLOCATOR_SETTINGS, default="tuned")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=["loop", "vmap", "port"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_cpu_allocator(args.cpu_allocator)
     device = torch.device(args.device)
     batch = episodes(args.tasks, args.ways, args.shots, args.query, device)
     builders = {"loop": lambda: ours("loop", args, batch, device),
@@ -138,6 +145,7 @@ def main() -> None:
                    f"{'second' if args.second_order else 'first'} order",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
+        "cpu_allocator": args.cpu_allocator,
         "seconds_per_meta_batch": seconds,
     }
     if "loop" in seconds and "vmap" in seconds:

@@ -95,6 +95,8 @@ ROWS = [
     ("zero glances", ["method.glances=0"], None, ["method.glances=0", ">= 1"]),
     ("zero n_epochs", ["method.n_epochs=0"], None, ["method.n_epochs=0", ">= 1"]),
     ("zero threads", ["threads=0"], None, ["threads=0", "auto"]),
+    ("unknown allocator", ["cpu_allocator=jemalloc"], None,
+     ["cpu_allocator='jemalloc'", "tuned, system"]),
     ("string lr", ["method=er", "method.lr=fast"], None, ["method.lr='fast'"]),
     ("classes not divisible", [*CIFAR, "dataset.n_tasks=3", "dataset.classes_per_task=null"],
      None, ["dataset.n_tasks=3", "10 classes"]),

@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from metacl import checkpoint
+from metacl.allocator import set_cpu_allocator
 from metacl.checkpoint import Interrupted, StopSignals, plan_resume
 from metacl.cli import user_error as find_user_error
 from metacl.errors import ConfigError
@@ -285,6 +286,12 @@ def set_threads(setting, device: torch.device, backbone) -> None:
     torch.set_num_threads(setting)
 
 
+def configure_cpu(cfg: DictConfig, device: torch.device, backbone) -> None:
+    """The job's CPU settings: intra-op threads and the C library's malloc (metacl.allocator)."""
+    set_threads(cfg.get("threads", "auto"), device, backbone)
+    set_cpu_allocator(cfg.get("cpu_allocator", "tuned"))
+
+
 def start_run(cfg: DictConfig, out_dir: Path):
     """The job's identity, its resolved config and a started run logger (every protocol)."""
     job = job_info(cfg)
@@ -439,7 +446,7 @@ def run_continual(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
     metric = cfg.get("optimized_metric", "RA")
     check_optimized_metric(metric, has_val)  # before training, not after hours of it
     backbone = instantiate(cfg.model, input_shape=info.input_shape, n_outputs=info.n_outputs)
-    set_threads(cfg.get("threads", "auto"), device, backbone)
+    configure_cpu(cfg, device, backbone)
     # _partial_: the backbone and TaskInfo are objects, not config values to merge.
     method = instantiate(cfg.method, _partial_=True)(backbone=backbone, task_info=info)
     method = method.to(device)

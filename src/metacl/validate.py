@@ -22,6 +22,7 @@ Data files themselves (missing, corrupt, wrong shape) are checked where they are
 | few-shot ways            | dataset.ways / train_ways <= classes of the episode pools      |
 | trainer                  | trainer.accelerator in auto/cpu/gpu (+ a visible GPU for gpu) |
 | threads                  | auto, null or an integer >= 1                                  |
+| cpu_allocator            | tuned or system (metacl.allocator)                            |
 | resume                   | metacl.checkpoint.plan_resume (checkpoint present, same config)|
 | output folder writable   | paths.output_dir                                               |
 """
@@ -35,6 +36,7 @@ from pathlib import Path
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from metacl.allocator import ALLOCATOR_SETTINGS
 from metacl.errors import ConfigError
 
 # What each continual source holds, known without reading it: classes, training samples
@@ -303,6 +305,10 @@ def validate_config(cfg: DictConfig) -> str:
                                           or threads < 1):
         raise ConfigError(f"threads={threads!r} is invalid; allowed: auto, null (torch's "
                           "default) or an integer >= 1")
+    allocator = cfg.get("cpu_allocator", "tuned")
+    if allocator not in ALLOCATOR_SETTINGS:
+        raise ConfigError(f"cpu_allocator={allocator!r} is invalid; allowed: "
+                          f"{', '.join(ALLOCATOR_SETTINGS)}")
     check_task_ids(cfg, protocol)
     check_network_model(cfg)
     if protocol == "continual":

@@ -34,10 +34,10 @@ from metacl.run import (
     _check_finite_loss,
     _check_finite_weights,
     _synchronize,
+    configure_cpu,
     console,
     mark_stopped,
     new_results,
-    set_threads,
     start_mid_training,
     start_run,
 )
@@ -171,7 +171,7 @@ def run_episodic(cfg: DictConfig, dm, device: torch.device, out_dir: Path,
     info = dm.episode_info
     metric_name = _optimized_metric(cfg, info.classification, bool(dm.n_episodes["val"]))
     backbone = instantiate(cfg.model, input_shape=info.input_shape, n_outputs=info.n_outputs)
-    set_threads(cfg.get("threads", "auto"), device, backbone)
+    configure_cpu(cfg, device, backbone)
     method = instantiate(cfg.method, _partial_=True)(backbone=backbone, episode_info=info)
     method = method.to(device)
     dm.meta_batch_size = method.meta_batch_size
