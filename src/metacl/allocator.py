@@ -45,11 +45,16 @@ def _glibc():
     return libc
 
 
-def set_cpu_allocator(setting: str = "tuned") -> bool:
-    """Apply `setting` (tuned | system); False where nothing was changed."""
+def check_cpu_allocator(setting) -> None:
+    """One-line ConfigError unless `setting` is one of ALLOCATOR_SETTINGS."""
     if setting not in ALLOCATOR_SETTINGS:
         raise ConfigError(f"cpu_allocator={setting!r} is invalid; allowed: "
                           f"{', '.join(ALLOCATOR_SETTINGS)}")
+
+
+def set_cpu_allocator(setting: str = "tuned") -> bool:
+    """Apply `setting` (tuned | system); False where nothing was changed."""
+    check_cpu_allocator(setting)
     libc = _glibc() if setting == "tuned" else None
     if libc is None:
         return False

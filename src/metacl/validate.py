@@ -36,7 +36,7 @@ from pathlib import Path
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from metacl.allocator import ALLOCATOR_SETTINGS
+from metacl.allocator import check_cpu_allocator
 from metacl.errors import ConfigError
 
 # What each continual source holds, known without reading it: classes, training samples
@@ -305,10 +305,7 @@ def validate_config(cfg: DictConfig) -> str:
                                           or threads < 1):
         raise ConfigError(f"threads={threads!r} is invalid; allowed: auto, null (torch's "
                           "default) or an integer >= 1")
-    allocator = cfg.get("cpu_allocator", "tuned")
-    if allocator not in ALLOCATOR_SETTINGS:
-        raise ConfigError(f"cpu_allocator={allocator!r} is invalid; allowed: "
-                          f"{', '.join(ALLOCATOR_SETTINGS)}")
+    check_cpu_allocator(cfg.get("cpu_allocator", "tuned"))
     check_task_ids(cfg, protocol)
     check_network_model(cfg)
     if protocol == "continual":
