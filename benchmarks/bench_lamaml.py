@@ -3,6 +3,7 @@
     python benchmarks/bench_lamaml.py                  # MNIST-shaped, rotations hyperparameters
     python benchmarks/bench_lamaml.py --naive          # ... and the naive loop on the same stream
     python benchmarks/bench_lamaml.py --cifar          # CIFAR-100-shaped, pc_cnn, second order
+    python benchmarks/bench_lamaml.py --cifar --device cuda   # ... on a GPU
 
 MNIST mode streams 20 tasks x 100 incoming batches of 10 (the default run: 2000 observe calls,
 5 glances each, 10 single-sample inner steps and 10 meta-losses on 20 samples per glance) with
@@ -44,10 +45,11 @@ class NaiveLaMAML:
 
     def __init__(self, net, info: TaskInfo, hp: dict):
         self.net, self.hp, self.info = net, hp, info
+        device = next(net.parameters()).device
         self.alpha = [torch.full_like(p, hp["alpha_init"]).requires_grad_(hp["learn_lr"])
                       for p in net.parameters()]
-        self.memory = ReservoirBuffer(hp["memories"], info.input_shape)
-        self.mask = info.class_mask()
+        self.memory = ReservoirBuffer(hp["memories"], info.input_shape).to(device)
+        self.mask = info.class_mask().to(device)
         self.task = 0
 
     def loss(self, logits, y, t):
@@ -59,7 +61,7 @@ class NaiveLaMAML:
         hp, net = self.hp, self.net
         weights = list(net.parameters())
         for glance in range(hp["glances"]):
-            perm = torch.randperm(x.shape[0])
+            perm = torch.randperm(x.shape[0], device=x.device)
             x, y, t = x[perm], y[perm], t[perm]
             bx, by, bt = x, y, t
             if len(self.memory):
@@ -153,10 +155,16 @@ def bench_cifar(args) -> None:
                         inner_batches=5, second_order=True, grad_clip_norm=1.0,
                         inner_grad_clamp=1.0, inner_lr_relu=False, vectorize=False)
     g = torch.Generator().manual_seed(0)
+    device = torch.device(args.device)
 
     def batch(task):
         y = torch.tensor(classes[task])[torch.randint(0, 5, (10,), generator=g)]
-        return torch.randn(10, *shape, generator=g), y, torch.full((10,), task)
+        x, t = torch.randn(10, *shape, generator=g), torch.full((10,), task)
+        return x.to(device), y.to(device), t.to(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     results = {}
     for name in ("metacl", "naive"):
@@ -165,18 +173,21 @@ def bench_cifar(args) -> None:
         torch.manual_seed(0)
         if name == "metacl":
             method = instantiate(hp, _partial_=True)(backbone=PcCNN(shape, 100), task_info=info)
+            method.to(device)
             method.before_task(1, None)
             method.memory.add(*batch(0))
         else:
-            method = NaiveLaMAML(PcCNN(shape, 100), info, hp)
+            method = NaiveLaMAML(PcCNN(shape, 100).to(device), info, hp)
             method.task = 1
             method.memory.add(*batch(0))
         method.observe(*batch(1))  # warm-up (allocations, memory non-empty)
+        sync()
         started = time.perf_counter()
         for _ in range(args.cifar_batches):
             float(method.observe(*batch(1)))
+        sync()
         results[name] = (time.perf_counter() - started) / args.cifar_batches
-        print(f"CIFAR-100 La-MAML, {name:7s}: {results[name]:.3f} s per incoming batch "
+        print(f"CIFAR-100 La-MAML on {device}, {name:7s}: {results[name]:.3f} s per incoming batch "
               f"({1e3 * results[name] / hp['glances']:.1f} ms per glance)")
     if len(results) == 2:
         print(f"speed-up: {results['naive'] / results['metacl']:.2f}x")
@@ -191,6 +202,7 @@ def main() -> None:
     parser.add_argument("--cifar-batches", type=int, default=3, help="timed CIFAR batches")
     parser.add_argument("--no-naive-cifar", dest="naive_cifar", action="store_false",
                         help="skip the naive loop in --cifar mode")
+    parser.add_argument("--device", default="cpu", help="--cifar mode: cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
