@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install train test bench lint clean distclean
+.PHONY: install train test test-gpu bench lint clean distclean
 
 # (Re)install when pyproject.toml changes; torch/torchvision come from the machine's wheels.
 $(STAMP): pyproject.toml
@@ -19,7 +19,12 @@ train: $(STAMP)
 	$(PY) train.py $(ARGS)
 
 test: $(STAMP)
-	WANDB_MODE=disabled $(PY) -m pytest $(ARGS)
+	WANDB_MODE=disabled $(PY) -m pytest -m "not gpu" $(ARGS)
+
+# The GPU suite (tests/gpu): every method end to end on CUDA, CPU/CUDA update equality, resume
+# on the GPU. Needs a CUDA device; prints cases, time and peak GPU memory at the end.
+test-gpu: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m pytest -m gpu tests/gpu -p no:cacheprovider $(ARGS)
 
 # The default experiment (train seconds, RA/BTI), then one MAML meta-batch with Omniglot shapes
 # (per-task loop and vmap, first order, beside the MAML-Pytorch port's structure).

@@ -19,7 +19,7 @@ from metacl.resolvers import expand_aliases  # also registers ${metacl.run_dir:.
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from metacl.cli import run_with_clean_errors
-    from metacl.run import main as run_main
+    from metacl.runner.main import main as run_main
 
     return run_with_clean_errors(run_main, cfg)
 

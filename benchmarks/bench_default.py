@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from metacl.run import main as run_main
+from metacl.runner.main import main as run_main
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

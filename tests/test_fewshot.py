@@ -21,7 +21,7 @@ from metacl.fewshot.meta_sgd import MetaSGD
 from metacl.fewshot.protonet import ProtoNet
 from metacl.models import BACKBONES, MLP
 from metacl.models.conv4 import Conv4, batch_norm, vmap_safe_batch_norm
-from metacl.run import main as run_main
+from metacl.runner.main import main as run_main
 
 from .conftest import CONF, ROOT
 

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from metacl.data.scenarios import hat_cifar
 from metacl.data.sources import load_bundled, load_cifar10_100
 from metacl.errors import ConfigError
-from metacl.run import main as run_main
+from metacl.runner.main import main as run_main
 
 from .fixtures import write_cifar
 

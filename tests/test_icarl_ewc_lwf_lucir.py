@@ -418,7 +418,7 @@ def test_frozen_copy_runs_in_eval_mode():
 
 # ----------------------------------------------------------------------------- end to end
 def test_icarl_class_split_run_writes_nme_and_head_matrices(compose, tmp_path):
-    from metacl.run import main as run_main
+    from metacl.runner.main import main as run_main
 
     from .fixtures import write_cifar
 

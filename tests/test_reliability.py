@@ -21,11 +21,11 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from metacl import checkpoint
-from metacl import run as run_module
 from metacl.checkpoint import Interrupted
 from metacl.errors import ConfigError
-from metacl.fewshot.loop import EpisodicCheckpoints
-from metacl.run import main as run_main
+from metacl.runner.callbacks import EpisodicCheckpoints, InTaskCheckpoints
+from metacl.runner.health import DivergedError
+from metacl.runner.main import main as run_main
 
 from .conftest import CONF, ROOT
 
@@ -63,19 +63,19 @@ def _results(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-_ORIGINAL_CALL = run_module._InTaskCheckpoints.__call__
+_ORIGINAL_CALL = InTaskCheckpoints.__call__
 
 
 def _stop_at(monkeypatch, at_step: int, signum=signal.SIGTERM):
     """Deliver a real signal to this process after training batch `at_step` (global count)."""
-    original = run_module._InTaskCheckpoints.__call__
+    original = InTaskCheckpoints.__call__
 
     def call(self, stream, trainer, pl_module, batch_idx):
         if stream.step == at_step:
             os.kill(os.getpid(), signum)
         return original(self, stream, trainer, pl_module, batch_idx)
 
-    monkeypatch.setattr(run_module._InTaskCheckpoints, "__call__", call)
+    monkeypatch.setattr(InTaskCheckpoints, "__call__", call)
 
 
 # ------------------------------------------------------------------------------ every method
@@ -99,7 +99,7 @@ def test_a_stopped_run_resumes_to_the_same_matrix(compose, tmp_path, monkeypatch
     cut = _results(cut_dir)
     assert cut["status"] == "interrupted" and "SIGTERM" in cut["error"]
     assert len(cut["accuracy_matrix"]) < 2
-    monkeypatch.setattr(run_module._InTaskCheckpoints, "__call__", _ORIGINAL_CALL)
+    monkeypatch.setattr(InTaskCheckpoints, "__call__", _ORIGINAL_CALL)
 
     run_main(compose([*common, f"paths.output_dir={cut_dir}", "resume.path=true"]))
     resumed = _results(cut_dir)
@@ -165,7 +165,7 @@ def test_forced_resume_continues_under_the_new_config(compose, tmp_path, monkeyp
     _stop_at(monkeypatch, 5)
     with pytest.raises(Interrupted):
         run_main(compose(["debug=fast", "method=er", f"paths.output_dir={out}"]))
-    monkeypatch.setattr(run_module._InTaskCheckpoints, "__call__", _ORIGINAL_CALL)
+    monkeypatch.setattr(InTaskCheckpoints, "__call__", _ORIGINAL_CALL)
     run_main(compose(["debug=fast", "method=er", "method.lr=0.05", f"paths.output_dir={out}",
                       "resume.path=true", "resume.force=true"]))
     results = _results(out)
@@ -220,7 +220,7 @@ def test_resume_alias_and_latest_run_lookup(tmp_path):
 # ------------------------------------------------------------------------------ divergence
 def test_divergence_stops_with_task_and_step_and_status_diverged(compose, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(run_module.DivergedError, match=r"in task 0 \(batch \d+\)"):
+    with pytest.raises(DivergedError, match=r"in task 0 \(batch \d+\)"):
         run_main(compose(["debug=fast", "method=er", "method.lr=inf",
                           f"paths.output_dir={out}", "checkpoint.every_n_steps=2"]))
     results = _results(out)
@@ -431,7 +431,7 @@ def test_preemption_saves_hands_over_to_submitit_and_the_requeued_job_resumes(
         signal.signal(signal.SIGUSR2, previous)
     assert requeued == [(signal.SIGUSR2, True)]  # saved before submitit took over
     assert _results(out)["status"] == "interrupted"
-    monkeypatch.setattr(run_module._InTaskCheckpoints, "__call__", _ORIGINAL_CALL)
+    monkeypatch.setattr(InTaskCheckpoints, "__call__", _ORIGINAL_CALL)
 
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # set by submitit in every job
     run_main(compose([*common, f"paths.output_dir={out}"]))

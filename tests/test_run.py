@@ -11,7 +11,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from metacl.metrics import compute_metrics
-from metacl.run import main as run_main
+from metacl.runner.main import main as run_main
 
 from .conftest import CONF, ROOT
 
@@ -63,9 +63,9 @@ def test_every_method_runs_end_to_end(compose, tmp_path, method):
 def test_every_method_runs_end_to_end_on_permutations(compose, tmp_path, monkeypatch, method):
     """The other bundled benchmark, as cheaply as possible: one incoming batch per task, and
     no heatmap (the PNG is checked above; drawing it costs more than this training)."""
-    import metacl.run
+    import metacl.runner.continual
 
-    monkeypatch.setattr(metacl.run, "save_matrix_heatmap", lambda *args, **kwargs: None)
+    monkeypatch.setattr(metacl.runner.continual, "save_matrix_heatmap", lambda *args, **kwargs: None)
     _, value, results = _run(compose, tmp_path, [
         f"method={method}", "dataset=mnist_permutations", "dataset.limit_train_per_task=10"])
     assert results["status"] == "completed"
@@ -97,9 +97,9 @@ def test_checkpoint_restores_the_method_exactly(compose, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, fresh.parameters()))
     assert len(fresh.memory) == len(dm.tasks[0].y_train) + len(dm.tasks[1].y_train)
     # The restored method reproduces the stored last row exactly.
-    from metacl.run import evaluate
+    from metacl.runner.evaluator import Evaluator
 
-    aware, _ = evaluate(fresh, dm, 2)
+    aware, _ = Evaluator(dm).accuracy(fresh, 2)
     assert aware == results["accuracy_matrix"][-1]
 
 
@@ -195,7 +195,7 @@ def test_threads_setting(monkeypatch):
     """threads: auto takes the backbone's CPU preference; numbers are applied; bad values refused."""
     from metacl.errors import ConfigError
     from metacl.models import MLP, PcCNN
-    from metacl.run import set_threads
+    from metacl.runner.cpu import set_threads
 
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
@@ -205,7 +205,7 @@ def test_threads_setting(monkeypatch):
     set_threads("auto", gpu, MLP((1, 2, 2), 3))
     set_threads(None, cpu, MLP((1, 2, 2), 3))
     set_threads(3, cpu, MLP((1, 2, 2), 3))
-    from metacl.run import DEFAULT_THREADS
+    from metacl.runner.cpu import DEFAULT_THREADS
 
     assert calls == [1, DEFAULT_THREADS, DEFAULT_THREADS, DEFAULT_THREADS, 3]
     for bad in (0, -2, "many", 1.5):

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from metacl.errors import ConfigError
-from metacl.run import main as run_main
+from metacl.runner.main import main as run_main
 from metacl.schedule import PlateauSchedule
 
 

@@ -16,11 +16,12 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
-from metacl import run as run_module
 from metacl.data.datamodule import ContinualDataModule
 from metacl.errors import ConfigError
-from metacl.run import DivergedError, JobInfo
-from metacl.run import main as run_main
+from metacl.runner import main as run_module
+from metacl.runner.health import DivergedError
+from metacl.runner.job import JobInfo
+from metacl.runner.main import main as run_main
 
 from .conftest import CONF, ROOT
 

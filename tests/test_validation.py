@@ -19,7 +19,7 @@ import torch
 
 from metacl.cli import EXIT_USER_ERROR, run_with_clean_errors
 from metacl.methods.finetune import Finetune
-from metacl.run import main as run_main
+from metacl.runner.main import main as run_main
 
 from .conftest import ROOT
 from .fixtures import write_cifar
@@ -134,6 +134,21 @@ ROWS = [
     ("resume without checkpoint", ["resume.path=true"], None,
      ["resume.path=true", "no checkpoint"]),
     ("unknown dataset source", ["dataset.source=floppy"], None, ["floppy", "bundled"]),
+    # Trainer settings: every key works or is refused in one line (metacl.runner.trainer).
+    ("trainer gradient clipping", ["+trainer.gradient_clip_val=1.0"], None,
+     ["trainer.gradient_clip_val", "method.grad_clip_norm"]),
+    ("trainer accumulation", ["+trainer.accumulate_grad_batches=2"], None,
+     ["trainer.accumulate_grad_batches", "method.batch_size"]),
+    ("trainer strategy", ["+trainer.strategy=ddp"], None, ["trainer.strategy", "launcher"]),
+    ("two devices", ["trainer.devices=2"], None, ["trainer.devices=2", "1 or [k]"]),
+    ("a GPU index on a CPU trainer", ["trainer=cpu", "trainer.devices=[0]"], None,
+     ["trainer.devices=[0]", "accelerator=cpu"]),
+    ("trainer callbacks", ["+trainer.callbacks=[]"], None, ["trainer.callbacks", "schedule"]),
+    ("trainer logger", ["+trainer.logger=false"], None, ["trainer.logger", "logger="]),
+    ("unknown trainer key", ["+trainer.warp_speed=9"], None,
+     ["trainer.warp_speed", "max_epochs"]),
+    ("unsupported precision", ["trainer.precision=16-mixed"], None,
+     ["trainer.precision=16-mixed", "LaMAML", "32-true"]),
 ]
 
 

@@ -16,7 +16,7 @@ kill while saving never leaves a broken file as the latest) and both loadable wi
   `before_task` from there (so everything a method derives when a task starts is rebuilt exactly
   as it was), then loads `step.ckpt` over it and continues with the next batch.
 
-Few-shot (episodic) runs write `last.ckpt` only, inside meta-training (metacl.fewshot.loop):
+Few-shot (episodic) runs write `last.ckpt` only, inside meta-training (metacl.runner.episodic):
 the same state plus the episode generator's, the position (epoch, meta-batches done) and the
 validation history.
 

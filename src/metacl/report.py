@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from metacl.runner.record import RunRecord
+
 METRICS = ("RA", "BTI", "ACC", "BWT", "FWT", "forgetting", "rho")
 # Metrics reported as they are (ratios), not as percentages.
 RATIO_METRICS = ("rho",)
@@ -142,7 +144,7 @@ def _settings(config: dict) -> dict:
 
 
 def load_run(path: Path) -> Run:
-    data = json.loads(Path(path).read_text())
+    data = RunRecord.read(path)
     config = data.get("config") or {}
     dataset, method = _names(config)
     metrics = dict(data.get("metrics") or {})

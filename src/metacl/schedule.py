@@ -9,7 +9,7 @@ below `lr_min` (or at `trainer.max_epochs`, 200 with schedule=hat). At the end o
 parameters (and the backbone's buffers) of the epoch with the lowest validation loss are
 restored.
 
-It is a Lightning callback: run.py adds it to every task's Trainer and knows nothing else about
+It is a Lightning callback: the runner adds it to every task's Trainer and knows nothing else about
 it. It sets the learning rate of every optimizer the method returns from
 `configure_optimizers` (and `base_lr`, which methods with their own per-epoch schedule read).
 """
@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 import torch
 
 from metacl.errors import ConfigError
+from metacl.runner.evaluator import Evaluator
 
 
 class PlateauSchedule(pl.Callback):
@@ -71,20 +72,9 @@ class PlateauSchedule(pl.Callback):
                 b.copy_(state[f"b.{n}"])
 
     @staticmethod
-    @torch.no_grad()
     def validation_loss(module, datamodule) -> float:
         """Mean validation loss over the samples of the tasks being trained."""
-        was_training = module.training
-        module.eval()
-        loaders = datamodule.eval_dataloaders("val")
-        total = torch.zeros((), device=module.device)
-        n = 0
-        for u in datamodule.train_tasks:
-            for x, y, _ in loaders[u]:
-                total += module.validation_loss(x, y, u) * len(y)
-                n += len(y)
-        module.train(was_training)
-        return float(total) / max(n, 1)
+        return Evaluator(datamodule).mean_loss(module, datamodule.train_tasks)
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_start(self, trainer, pl_module):

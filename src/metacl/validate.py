@@ -38,6 +38,10 @@ from omegaconf import DictConfig
 
 from metacl.allocator import check_cpu_allocator
 from metacl.errors import ConfigError
+from metacl.runner.trainer import check_trainer
+
+# How a run proceeds is decided by its datamodule's `protocol` (metacl.runner.main.LOOPS).
+PROTOCOLS = ("continual", "episodic")
 
 # What each continual source holds, known without reading it: classes, training samples
 # (the largest split a task can draw from) and the (C, H, W) of one image.
@@ -88,8 +92,6 @@ def check_method_numbers(method: DictConfig) -> None:
 
 def check_protocols(cfg: DictConfig) -> str:
     """The dataset's protocol (continual/episodic), refusing a method of the other kind."""
-    from metacl.run import PROTOCOLS
-
     dataset_cls = get_class(cfg.dataset._target_)
     protocol = getattr(dataset_cls, "protocol", "continual")
     if protocol not in PROTOCOLS:
@@ -291,10 +293,9 @@ def validate_config(cfg: DictConfig) -> str:
     """Run every rule (module docstring); return the run's protocol."""
     protocol = check_protocols(cfg)
     check_method_numbers(cfg.method)
-    accelerator = cfg.trainer.get("accelerator", "auto")
-    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
-        raise ConfigError(f"trainer.accelerator={accelerator} is not supported; allowed: auto, "
-                          "cpu, gpu")
+    method_cls = get_class(cfg.method._target_)
+    check_trainer(cfg.trainer, getattr(method_cls, "precisions", ("32-true",)),
+                  cfg.method._target_.rsplit(".", 1)[-1])
     epochs = cfg.trainer.get("max_epochs")
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int)
                                or epochs < 1):

@@ -125,7 +125,7 @@ def random_crop_flip(x: Tensor, padding: int = 4) -> Tensor:
 
 
 class ContinualDataModule(pl.LightningDataModule):
-    protocol = "continual"  # a stream of tasks (metacl.run.PROTOCOLS)
+    protocol = "continual"  # a stream of tasks (metacl.runner.main.LOOPS)
 
     def __init__(
         self,
