@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from metacl.cli import EXIT_USER_ERROR, unknown_choice
+from metacl.cli import EXIT_USER_ERROR, bad_resume_path, unknown_choice
 from metacl.resolvers import expand_aliases  # also registers ${metacl.run_dir:...}
 
 
@@ -26,8 +26,13 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     sys.argv[1:] = expand_aliases(sys.argv[1:])  # resume=X means resume.path=X
-    problem = unknown_choice(sys.argv[1:], Path(__file__).resolve().parent / "conf")
+    problem = (unknown_choice(sys.argv[1:], Path(__file__).resolve().parent / "conf")
+               or bad_resume_path(sys.argv[1:]))
     if problem:  # before Hydra creates an output folder
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     main()
+    from metacl.runner.summary import failed_jobs
+
+    if failed_jobs:  # a multirun with failed jobs (the table above names them)
+        sys.exit(1)

@@ -56,3 +56,20 @@ def unknown_choice(argv: list[str], conf_dir: Path) -> str | None:
         shown = ", ".join(options[:30]) + (", ..." if len(options) > 30 else "")
         return f"{group}={value} is not an option of '{group}'; allowed: {shown}"
     return None
+
+
+def bad_resume_path(argv: list[str]) -> str | None:
+    """`resume.path=<dir>` (after expand_aliases) naming a folder that holds no checkpoint:
+    one line before Hydra creates that folder (it is the run's output folder)."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key.lstrip("+~") != "resume.path":
+            continue
+        if value.lower() in ("true", "false", "null", "none", ""):
+            return None
+        ckpt = Path(value) / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            why = "does not exist" if not Path(value).exists() else f"holds no {ckpt.relative_to(value)}"
+            return (f"resume.path={value}: {why}; allowed: the folder of a run started with "
+                    "save_checkpoints=true, or resume=true (the latest run with these overrides)")
+    return None

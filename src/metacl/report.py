@@ -567,6 +567,11 @@ def main(argv=None) -> int:
     parser.add_argument("--published", help="another published-numbers YAML "
                                             "(default: metacl/published.yaml)")
     args = parser.parse_args(argv)
+    missing = [d for d in args.dirs if not Path(d).exists()]
+    if missing:  # before anything is written (no <missing>/report/ folder)
+        print(f"error: {missing[0]} does not exist; allowed: run or sweep folders that hold "
+              "results.json files (outputs/<task_name>/...)", file=sys.stderr)
+        return 2
     try:
         report = build_report(args.dirs, args.out, latex_table=args.latex,
                               plots=not args.no_plots,

@@ -16,6 +16,9 @@ from pathlib import Path
 
 # Lightning 2.6 on torch 2.14 warns about its own use of a deprecated torch API at every fit.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# On a machine with SLURM installed Lightning suggests `srun` for every fit; our SLURM path is
+# the submitit launcher (one job, one device), so the hint is noise.
+warnings.filterwarnings("ignore", message=r".*The `srun` command is available.*")
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
@@ -24,6 +27,7 @@ from omegaconf import DictConfig
 from metacl.checkpoint import plan_resume
 from metacl.cli import user_error as find_user_error
 from metacl.runner import continual, episodic
+from metacl.runner.folder import FolderLock, is_fresh, remove_fresh, write_hydra_record
 from metacl.runner.health import DivergedError
 from metacl.runner.job import JobInfo, job_info, resolved_config
 from metacl.runner.record import FILE, RunRecord, atomic_write_text
@@ -51,10 +55,30 @@ def main(cfg: DictConfig) -> float:
 
 
 def run_job(cfg: DictConfig) -> float:
+    """Checks, then the loop. A command refused before its run started leaves nothing behind:
+    no folder it created, no change to an existing run (metacl.runner.folder)."""
     started = time.perf_counter()
     for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.WARNING)
     out_dir = Path(cfg.paths.output_dir)
+    fresh = is_fresh(out_dir)
+    lock = FolderLock(out_dir)
+    try:
+        run = prepare(cfg, out_dir, started, lock)
+    except BaseException:
+        lock.release()
+        if fresh:
+            remove_fresh(out_dir)
+        raise
+    try:
+        return run()
+    finally:
+        lock.release()
+
+
+def prepare(cfg: DictConfig, out_dir: Path, started: float, lock: FolderLock):
+    """Validate, plan the resume, take the folder, build the data and the loop; returns what
+    runs the job (for a finished run: what returns the metric it already has)."""
     # Everything that can be checked from the config alone is checked before any data is
     # loaded and before anything is written (metacl.validate).
     protocol = validate_config(cfg)
@@ -64,12 +88,17 @@ def run_job(cfg: DictConfig) -> float:
     if plan is not None and plan.finished:
         console.print(f"{plan.out_dir} already completed; nothing to resume. "
                       f"results: {plan.out_dir / FILE}")
-        return finished_metric(cfg, plan.boundary["results"])
+        value = finished_metric(cfg, plan.boundary["results"])
+        return lambda: value
     check_writable(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, verbose=False)
     dm = instantiate(cfg.dataset).build().to(session.device)
-    return loop_class(session, dm, resume=plan).run()
+    # The folder is taken once the data loaded (a missing dataset leaves nothing behind) and
+    # before the loop writes anything.
+    lock.acquire()
+    write_hydra_record(out_dir, cfg)
+    return loop_class(session, dm, resume=plan).run
 
 
 def record_failed_job(cfg: DictConfig, job: JobInfo, err: Exception) -> float:

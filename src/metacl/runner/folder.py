@@ -1,0 +1,87 @@
+"""The run folder: one run at a time (a lock), Hydra's record written only once the run is
+accepted, and no empty folder left behind by a command that was refused.
+
+Hydra creates the output folder (and its job log) before the task function runs; with
+`hydra.output_subdir: null` (conf/hydra/default.yaml) it no longer writes `.hydra/` there, so a
+refused command (a bad value, a resume whose config differs) cannot rewrite an existing run's
+`.hydra/config.yaml` and `overrides.yaml`. The runner writes them itself, under the lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from metacl.errors import ConfigError
+
+LOCK_FILE = ".lock"
+HYDRA_DIR = ".hydra"
+HYDRA_LOG_SUFFIX = ".log"  # Hydra's job log (train.log), created before the task runs
+
+
+def is_fresh(out_dir: Path) -> bool:
+    """The folder holds nothing but the job log Hydra opened for this command: Hydra made it
+    just now, and a refused command may remove it again. (A folder that existed before, even
+    an empty one, is never fresh.)"""
+    if not out_dir.is_dir():
+        return False
+    entries = list(out_dir.iterdir())
+    return bool(entries) and all(p.is_file() and p.suffix == HYDRA_LOG_SUFFIX
+                                 and p.stat().st_size < 4096 for p in entries)
+
+
+def remove_fresh(out_dir: Path) -> None:
+    """Remove a folder this command created and filled with nothing of value."""
+    if out_dir.is_dir():
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+class FolderLock:
+    """An exclusive lock on `<out_dir>/.lock` for the duration of the run (flock: released by
+    the kernel when the process ends, however it ends)."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(
+                f"paths.output_dir={self.path.parent} is in use by another run (pid {holder}); "
+                "allowed: a folder no other run writes to (e.g. leave hydra.run.dir unset)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def write_hydra_record(out_dir: Path, cfg: DictConfig) -> None:
+    """`.hydra/config.yaml`, `hydra.yaml` and `overrides.yaml`, as Hydra writes them, once the
+    run is accepted (nothing when composed without Hydra's runtime: tests, notebooks)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return
+    folder = Path(out_dir) / HYDRA_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml", resolve=False)
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
