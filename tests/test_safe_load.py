@@ -301,3 +301,15 @@ def test_crafted_checkpoint_is_refused(tmp_path, payload):
     torch.save({"format": checkpoint.FORMAT_VERSION, "method": evil}, path)
     with pytest.raises(ConfigError, match="cannot be read"):
         checkpoint.load(path)
+
+
+def test_crafted_legacy_mnist_cache_is_refused(tmp_path, payload):
+    # torchvision prefers MNIST/processed/{training,test}.pt (torch.load, weights_only=True)
+    evil, _ = payload
+    processed = tmp_path / "MNIST" / "processed"
+    processed.mkdir(parents=True)
+    torch.save((evil, torch.zeros(2, dtype=torch.long)), processed / "training.pt")
+    torch.save((torch.zeros(2, 28, 28, dtype=torch.uint8), torch.zeros(2)), processed / "test.pt")
+    with pytest.raises(UnsafeFileError) as info:
+        load_source("mnist", data_dir=tmp_path)
+    assert str(processed / "training.pt") in _one_line(info.value)

@@ -96,7 +96,7 @@ def _numpy_scalar_globals() -> list[Any]:
     return [multiarray.scalar, np.dtype, *sorted(dtype_classes, key=lambda c: c.__name__)]
 
 
-def _refusal(exc: pickle.UnpicklingError) -> str | None:
+def weights_only_refusal(exc: BaseException) -> str | None:
     """What torch's weights_only loader refused, in a few words; None if the file was not
     refused but is simply not a readable pickle (a corrupt file)."""
     text = str(exc)
@@ -125,7 +125,7 @@ def load_torch(path: Path, what: str) -> Any:
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = _refusal(exc)
+        reason = weights_only_refusal(exc)
         if reason is None:
             raise
         raise UnsafeFileError(

@@ -29,7 +29,12 @@ from PIL import Image
 from torchvision import datasets
 from torchvision.datasets.utils import download_and_extract_archive
 
-from metacl.data.safe_load import UnsafeFileError, load_pickle, load_torch
+from metacl.data.safe_load import (
+    UnsafeFileError,
+    load_pickle,
+    load_torch,
+    weights_only_refusal,
+)
 from metacl.errors import ConfigError, DataNotFoundError
 
 log = logging.getLogger(__name__)
@@ -140,6 +145,20 @@ def _mnist_present(root: Path) -> bool:
     return legacy or all((raw / f).is_file() for f in _MNIST_RAW_FILES)
 
 
+def _torchvision_mnist(root: Path, train: bool) -> datasets.MNIST:
+    try:
+        return datasets.MNIST(root, train=train)
+    except pickle.UnpicklingError as exc:
+        # Only the legacy processed/*.pt files are unpickled, by torchvision with
+        # torch.load(weights_only=True): a crafted one is refused there, before it runs.
+        reason = weights_only_refusal(exc)
+        if reason is None:
+            raise
+        path = root / "MNIST" / "processed" / ("training.pt" if train else "test.pt")
+        raise UnsafeFileError(f"refusing to load {path}: {reason}, but MNIST files hold only "
+                              "tensors; delete it (the raw idx files are read instead)") from None
+
+
 def load_mnist(*, data_dir: PathLike, download: bool = False) -> ImageSplit:
     """Full MNIST (60,000/10,000) from ``<data_dir>/MNIST/raw/`` as uint8 (N, 1, 28, 28)."""
     root = _root(data_dir)
@@ -158,8 +177,8 @@ def load_mnist(*, data_dir: PathLike, download: bool = False) -> ImageSplit:
             f"MNIST not found: put the unzipped files {', '.join(missing)} in {raw}/ "
             "or pass dataset.download=true"
         )
-    train = datasets.MNIST(root, train=True)
-    test = datasets.MNIST(root, train=False)
+    train = _torchvision_mnist(root, train=True)
+    test = _torchvision_mnist(root, train=False)
     return ImageSplit(
         x_train=train.data.unsqueeze(1).contiguous(),
         y_train=train.targets.long(),
