@@ -306,7 +306,10 @@ def test_search_studies_live_in_a_folder_that_only_the_command_decides():
 
 def _study(cwd: Path):
     import optuna
+    import sqlalchemy
 
+    assert int(sqlalchemy.__version__.split(".")[0]) < 2, (
+        "optuna 2.10's sqlite studies need SQLAlchemy < 2 (pyproject.toml): run `make install`")
     (db,) = (cwd / "outputs").glob("*/searches/*/optuna.db")
     (summary,) = optuna.get_all_study_summaries(f"sqlite:///{db}")
     return optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}")

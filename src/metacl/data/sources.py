@@ -279,7 +279,8 @@ def _read_cifar_entry(path: Path, name: str) -> dict:
     entry = load_pickle(path, name)
     if not isinstance(entry, dict):
         raise TypeError(f"{path.name} holds a {type(entry).__name__}, not a dict")
-    # Python 2 pickles read with encoding='latin1' have str keys; encoding='bytes' copies bytes.
+    # The real (Python 2) files give str keys under latin-1; copies re-pickled from a
+    # pickle.load(encoding='bytes') have bytes keys.
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
 
 
