@@ -1,7 +1,8 @@
 """Sweeps: the validation split, failed jobs, Optuna searches, launchers, W&B per job.
 
-Two tests start real sweeps through train.py (a 3-trial Optuna search; a 2-job sweep through
-hydra-submitit-launcher's local executor with W&B offline); they are the slow ones.
+The tests that start real sweeps through train.py are the slow ones: Optuna searches (3 trials;
+failing and diverging trials; all trials failing; a study continued by a rerun and after a
+kill) and a 2-job sweep through hydra-submitit-launcher's local executor with W&B offline.
 """
 
 import json
@@ -257,3 +258,180 @@ def test_report_over_the_sweep_lists_the_diverged_job(submitit_sweep, tmp_path):
     assert len(report.failed) == 1
     (failed_line,) = [line for line in report.markdown.splitlines() if "method.lr=inf" in line]
     assert "mnist_rotations/er" in failed_line
+
+
+# ----------------------------------------------------------------------------- failed trials
+# (issue 17, items 1 and 2: hydra_plugins/metacl_sweeper, the sweeper of conf/hparams_search/)
+def _job_return(value, num):
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    ret = JobReturn(status=JobStatus.COMPLETED, _return_value=value)
+    ret.hydra_cfg = OmegaConf.create({"hydra": {"job": {"num": num}}})
+    return ret
+
+
+def test_a_job_that_returns_nan_or_inf_reaches_the_plugin_as_a_failed_job():
+    from hydra.core.utils import JobStatus
+
+    from hydra_plugins.metacl_sweeper.optuna_sweeper import TrialFailed, _FailedJobsAsFailures
+
+    class Launcher:
+        def launch(self, overrides, initial_job_idx):
+            values = [0.5, float("nan"), float("inf"), 0.0]
+            return [_job_return(v, initial_job_idx + i) for i, v in enumerate(values)]
+
+    launcher = _FailedJobsAsFailures(Launcher())
+    returns = launcher.launch([()] * 4, initial_job_idx=7)
+    assert [r.status for r in returns] == [JobStatus.COMPLETED, JobStatus.FAILED,
+                                           JobStatus.FAILED, JobStatus.COMPLETED]
+    assert returns[0].return_value == 0.5
+    with pytest.raises(TrialFailed, match="job 8 returned nan"):
+        returns[1].return_value  # noqa: B018 - the plugin reads it like this, then tells FAIL
+    assert (launcher.launched, launcher.completed) == (4, 2)
+
+
+def test_search_studies_live_in_a_folder_that_only_the_command_decides():
+    def storage(*overrides):
+        return _hydra_cfg(["hparams_search=er_optuna", *overrides]).hydra.sweeper.storage
+
+    plain = storage()
+    assert plain == "sqlite:///outputs/er_optuna/searches/er_optuna-" \
+        f"{plain.split('er_optuna-')[-1].split('/')[0]}/optuna.db"
+    # hydra.* overrides (n_trials, the launcher), the logger and the trainer keep the study
+    assert storage("hydra.sweeper.n_trials=50", "logger=csv", "trainer=cpu") == plain
+    assert storage("dataset=mnist_permutations") != plain  # another search, another study
+    assert storage("hydra.sweeper.study_name=mine").startswith(
+        "sqlite:///outputs/er_optuna/searches/mine-")
+    assert _hydra_cfg(["hparams_search=lamaml_optuna"]).hydra.sweeper.storage.startswith(
+        "sqlite:///outputs/lamaml_optuna/searches/lamaml_optuna-")
+
+
+def _study(cwd: Path):
+    import optuna
+    import sqlalchemy
+
+    assert int(sqlalchemy.__version__.split(".")[0]) < 2, (
+        "optuna 2.10's sqlite studies need SQLAlchemy < 2 (pyproject.toml): run `make install`")
+    (db,) = (cwd / "outputs").glob("*/searches/*/optuna.db")
+    (summary,) = optuna.get_all_study_summaries(f"sqlite:///{db}")
+    return optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}")
+
+
+SMALL = ["debug=fast", "dataset.limit_train_per_task=30", "dataset.limit_test_per_task=30",
+         "method.glances=1"]
+
+
+def test_failed_and_diverged_trials_are_recorded_and_the_search_goes_on(tmp_path):
+    # replay_batch_size=-1 is refused by the method (a crash before training), lr=inf diverges
+    out = _train_py(["hparams_search=er_optuna", "hydra.sweeper.n_trials=6", *SMALL,
+                     "method.replay_batch_size=choice(-1,10)", "method.lr=choice(0.05,inf)"],
+                    tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Values were told" not in out.stderr
+    (sweep,) = (tmp_path / "outputs" / "debug" / "multiruns").iterdir()
+    jobs = _jobs(sweep)
+    assert len(jobs) == 6  # every trial ran, after the failures too
+    statuses, best = [], None
+    for job in jobs:
+        results = json.loads((job / "results.json").read_text())
+        method = results["config"]["method"]
+        if method["replay_batch_size"] == -1:
+            assert results["status"].startswith("failed: ConfigError")
+        elif math.isinf(method["lr"]):
+            assert results["status"] == "diverged"
+        else:
+            assert results["status"] == "completed"
+            ra = results["validation"]["metrics"]["RA"]
+            best = ra if best is None else max(best, ra)
+        statuses.append(results["status"])
+    assert "completed" in statuses and "diverged" in statuses
+    assert any(s.startswith("failed") for s in statuses)
+    summary = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert summary["best_value"] == pytest.approx(best)
+    n_complete = statuses.count("completed")
+    assert summary["trials"] == {"complete": n_complete, "fail": 6 - n_complete}
+    states = [t.state.name for t in _study(tmp_path).trials]  # Optuna's own record
+    assert states == ["COMPLETE" if s == "completed" else "FAIL" for s in statuses]
+
+
+def test_a_search_whose_every_trial_fails_still_writes_its_results(tmp_path):
+    out = _train_py(["hparams_search=er_optuna", "hydra.sweeper.n_trials=2", *SMALL,
+                     "method.lr=inf", "hydra.sweeper.storage=null"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "debug" / "multiruns").iterdir()
+    summary = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert summary["best_value"] is None and summary["best_params"] is None
+    assert summary["trials"] == {"complete": 0, "fail": 2}
+    assert not (tmp_path / "outputs" / "debug" / "searches").exists()  # storage=null: memory
+
+
+# ----------------------------------------------------------------------------- persistent study
+def _trials(study):
+    return [(t.number, t.state.name, t.params, t.value) for t in study.trials]
+
+
+def test_rerunning_a_search_continues_its_study(tmp_path):
+    args = ["hparams_search=er_optuna", *SMALL]
+    first = _train_py([*args, "hydra.sweeper.n_trials=2"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _trials(_study(tmp_path))
+    assert [t[1] for t in before] == ["COMPLETE", "COMPLETE"]
+
+    more = _train_py([*args, "hydra.sweeper.n_trials=4"], tmp_path)  # the same command, 4 now
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "2 trials finished earlier" in more.stdout + more.stderr
+    after = _trials(_study(tmp_path))
+    assert len(after) == 4 and after[:2] == before  # earlier trials kept as they were
+    params = [tuple(sorted(t[2].items())) for t in after]
+    assert len(set(params)) == 4  # the continuation did not repeat the seeded sequence
+    sweeps = sorted((tmp_path / "outputs" / "debug" / "multiruns").iterdir())
+    assert len(sweeps) == 2
+    assert [p.name.split("_")[0] for p in _jobs(sweeps[1])] == ["2", "3"]  # job n = trial n
+    summary = yaml.safe_load((sweeps[1] / "optimization_results.yaml").read_text())
+    assert summary["best_value"] == pytest.approx(max(t[3] for t in after))
+    assert summary["trials"] == {"complete": 4, "fail": 0}
+
+    again = _train_py([*args, "hydra.sweeper.n_trials=4"], tmp_path)  # nothing left to run
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _trials(_study(tmp_path)) == after
+    newest = max((tmp_path / "outputs" / "debug" / "multiruns").iterdir())
+    assert not _jobs(newest) and (newest / "optimization_results.yaml").exists()
+
+
+
+def test_a_killed_search_continues_with_its_finished_trials(tmp_path):
+    import signal
+    import sqlite3
+    import time
+
+    args = [sys.executable, str(ROOT / "train.py"), "hparams_search=er_optuna",
+            "hydra.sweeper.n_trials=3", *SMALL]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    completed = 0
+    deadline = time.monotonic() + 300
+    try:
+        while completed < 1 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            for db in (tmp_path / "outputs").glob("*/searches/*/optuna.db"):
+                try:
+                    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+                        completed = con.execute(
+                            "select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+                except sqlite3.Error:
+                    pass  # the tables are still being created
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # what a node failure or `kill -9` does
+        proc.wait()
+    assert completed >= 1, "the search never finished a trial"
+    killed = _trials(_study(tmp_path))
+    finished = [t for t in killed if t[1] == "COMPLETE"]
+    assert len(finished) < 3  # it really was stopped early
+
+    out = _train_py(args[2:], tmp_path)  # the same command again
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = _trials(_study(tmp_path))
+    assert [t for t in resumed if t in finished] == finished  # kept, unchanged
+    assert sum(t[1] == "COMPLETE" for t in resumed) == 3  # only the rest of n_trials ran

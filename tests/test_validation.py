@@ -78,6 +78,17 @@ def _truncated_mer(tmp: Path) -> Path:
     return root
 
 
+def _crafted_mer(tmp: Path) -> Path:
+    """A MER file whose unpickling would run `touch <tmp>/PAYLOAD_RAN` (it must not)."""
+    from .test_safe_load import SystemCall
+
+    root = tmp / "mer"
+    root.mkdir()
+    task = [SystemCall(tmp / "PAYLOAD_RAN"), torch.zeros(5, 784), torch.zeros(5, dtype=torch.long)]
+    torch.save([[task], [task]], root / "mnist_rotations.pt")
+    return root
+
+
 def _empty_dir(tmp: Path) -> Path:
     (tmp / "empty").mkdir()
     return tmp / "empty"
@@ -131,6 +142,8 @@ ROWS = [
      ["mnist_rotations.pt", "(5, 100)", "784"]),
     ("truncated torch file (MER)", ["dataset.source=mer"], _truncated_mer,
      ["mnist_rotations.pt", "corrupt"]),
+    ("crafted torch file (MER)", ["dataset.source=mer"], _crafted_mer,
+     ["refusing to load", "mnist_rotations.pt", "posix.system"]),
     ("resume without checkpoint", ["resume.path=true"], None,
      ["resume.path=true", "no checkpoint"]),
     ("unknown dataset source", ["dataset.source=floppy"], None, ["floppy", "bundled"]),
@@ -183,6 +196,7 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(compose, tmp_path, prev
         assert fragment in lines[-1], (fragment, lines[-1])
     assert (previous_run / "results.json").read_text() == before
     assert sorted(p.name for p in previous_run.iterdir()) == listing  # nothing new either
+    assert not (tmp_path / "PAYLOAD_RAN").exists()  # a crafted data file ran no code
 
 
 def test_output_folder_inside_a_file_is_refused_before_anything_is_written(compose, tmp_path,

@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from metacl.data.safe_load import UnsafeFileError, load_pickle
 from metacl.data.sources import _first_line, _root, load_bundled
 from metacl.errors import ConfigError, DataNotFoundError
 
@@ -330,11 +331,14 @@ MINI_PICKLE = "mini-imagenet-cache-{split}.pkl"
 
 
 def _unpickle_mini(path: Path) -> tuple[np.ndarray, dict]:
-    try:
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
+    try:  # restricted: numpy arrays and plain values only, anything else is refused unrun
+        data = load_pickle(path, "miniImageNet")
+    except UnsafeFileError:
+        raise
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
         raise DataNotFoundError(f"cannot read {path} ({_first_line(exc)})") from exc
+    if not isinstance(data, dict):
+        raise DataNotFoundError(f"{path} holds a {type(data).__name__}, not a dict")
     data = {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
     if "image_data" not in data or "class_dict" not in data:
         raise DataNotFoundError(f"{path} has no 'image_data' and 'class_dict' entries")

@@ -29,6 +29,12 @@ from PIL import Image
 from torchvision import datasets
 from torchvision.datasets.utils import download_and_extract_archive
 
+from metacl.data.safe_load import (
+    UnsafeFileError,
+    load_pickle,
+    load_torch,
+    weights_only_refusal,
+)
 from metacl.errors import ConfigError, DataNotFoundError
 
 log = logging.getLogger(__name__)
@@ -139,6 +145,20 @@ def _mnist_present(root: Path) -> bool:
     return legacy or all((raw / f).is_file() for f in _MNIST_RAW_FILES)
 
 
+def _torchvision_mnist(root: Path, train: bool) -> datasets.MNIST:
+    try:
+        return datasets.MNIST(root, train=train)
+    except pickle.UnpicklingError as exc:
+        # Only the legacy processed/*.pt files are unpickled, by torchvision with
+        # torch.load(weights_only=True): a crafted one is refused there, before it runs.
+        reason = weights_only_refusal(exc)
+        if reason is None:
+            raise
+        path = root / "MNIST" / "processed" / ("training.pt" if train else "test.pt")
+        raise UnsafeFileError(f"refusing to load {path}: {reason}, but MNIST files hold only "
+                              "tensors; delete it (the raw idx files are read instead)") from None
+
+
 def load_mnist(*, data_dir: PathLike, download: bool = False) -> ImageSplit:
     """Full MNIST (60,000/10,000) from ``<data_dir>/MNIST/raw/`` as uint8 (N, 1, 28, 28)."""
     root = _root(data_dir)
@@ -157,8 +177,8 @@ def load_mnist(*, data_dir: PathLike, download: bool = False) -> ImageSplit:
             f"MNIST not found: put the unzipped files {', '.join(missing)} in {raw}/ "
             "or pass dataset.download=true"
         )
-    train = datasets.MNIST(root, train=True)
-    test = datasets.MNIST(root, train=False)
+    train = _torchvision_mnist(root, train=True)
+    test = _torchvision_mnist(root, train=False)
     return ImageSplit(
         x_train=train.data.unsqueeze(1).contiguous(),
         y_train=train.targets.long(),
@@ -171,23 +191,9 @@ def load_mnist(*, data_dir: PathLike, download: bool = False) -> ImageSplit:
 # --------------------------------------------------------------------------------------------
 # CIFAR-10 / CIFAR-100 (python pickle version)
 # --------------------------------------------------------------------------------------------
-
-
-def _without_md5(cls: type[datasets.CIFAR10]) -> type[datasets.CIFAR10]:
-    """A subclass of a torchvision CIFAR class that only checks that its files exist.
-
-    torchvision hashes every data file each time a split is constructed (all six files for the
-    train split and again for the test split, plus the meta file in ``_load_meta``). We verify
-    the checksums once ourselves in ``_cifar_problem`` (and can switch that off for hand-made
-    test fixtures), then construct both splits with this class. ``check_integrity(path, None)``
-    in torchvision means "the file exists".
-    """
-    attrs = {
-        "train_list": [[name, None] for name, _ in cls.train_list],
-        "test_list": [[name, None] for name, _ in cls.test_list],
-        "meta": {**cls.meta, "md5": None},
-    }
-    return type(f"_{cls.__name__}WithoutMD5", (cls,), attrs)
+# torchvision's CIFAR classes give the file names, checksums and URLs; the pickles themselves are
+# read here with a restricted unpickler (metacl.data.safe_load), never torchvision's pickle.load,
+# which would run whatever a crafted file names.
 
 
 def _md5(path: Path) -> str:
@@ -250,27 +256,50 @@ def _load_cifar(
     if problem:
         raise DataNotFoundError(problem)
 
-    unchecked = _without_md5(cls)
+    folder = root / cls.base_folder
     try:
-        train, test = unchecked(root, train=True), unchecked(root, train=False)
-    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, OSError, RuntimeError) as exc:
+        x_train, y_train = _read_cifar_batches(folder, cls.train_list, name)
+        x_test, y_test = _read_cifar_batches(folder, cls.test_list, name)
+        classes = _read_cifar_entry(folder / cls.meta["filename"], name)[cls.meta["key"]]
+    except UnsafeFileError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, OSError,
+            RuntimeError) as exc:
         # A truncated pickle, an array of the wrong size, a dict without 'data'/'labels'.
         raise DataNotFoundError(
-            f"{name} files in {root / cls.base_folder}/ are corrupt ({_first_line(exc)}); "
+            f"{name} files in {folder}/ are corrupt ({_first_line(exc)}); "
             f"delete them and extract {cls.filename} again, or pass dataset.download=true"
         ) from exc
+    return ImageSplit(x_train, y_train, x_test, y_test, n_classes=len(classes))
 
-    def images(data: np.ndarray) -> torch.Tensor:
-        # torchvision stores HWC for PIL; we keep the CHW layout the models consume.
-        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
 
-    return ImageSplit(
-        x_train=images(train.data),
-        y_train=torch.as_tensor(train.targets, dtype=torch.long),
-        x_test=images(test.data),
-        y_test=torch.as_tensor(test.targets, dtype=torch.long),
-        n_classes=len(train.classes),
-    )
+def _read_cifar_entry(path: Path, name: str) -> dict:
+    """One file of the python version: a dict, read by the restricted unpickler (numpy arrays
+    and plain values only; anything else is refused before it can run)."""
+    entry = load_pickle(path, name)
+    if not isinstance(entry, dict):
+        raise TypeError(f"{path.name} holds a {type(entry).__name__}, not a dict")
+    # The real (Python 2) files give str keys under latin-1; copies re-pickled from a
+    # pickle.load(encoding='bytes') have bytes keys.
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _read_cifar_batches(folder: Path, files: list, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batches torchvision's CIFAR class would read (same files, same order), as uint8
+    (N, 3, 32, 32) CHW images (each row is the R, G, B planes) and int64 labels."""
+    images, labels = [], []
+    for fname, _ in files:
+        entry = _read_cifar_entry(folder / fname, name)
+        data = entry["data"]
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+            raise TypeError(f"{fname}'s 'data' is not a uint8 array")
+        targets = entry["labels"] if "labels" in entry else entry["fine_labels"]
+        if len(targets) != len(data):
+            raise ValueError(f"{fname} holds {len(data)} images but {len(targets)} labels")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.extend(targets)
+    return (torch.from_numpy(np.concatenate(images)).contiguous(),
+            torch.as_tensor(labels, dtype=torch.long))
 
 
 def load_cifar10(
@@ -476,17 +505,17 @@ MER_FILES = {
 }
 
 
-def _torch_load_trusted(path: Path) -> Any:
+def _torch_load_safe(path: Path) -> Any:
+    """The MER file, read with ``torch.load(weights_only=True)`` only (``safe_load.load_torch``:
+    tensors, numbers, strings, numpy scalars). There is no fallback to a full load: a file
+    that needs one is refused with a one-line error, since it could run any code."""
     try:
-        return torch.load(path, weights_only=True)
-    except (EOFError, RuntimeError, OSError) as exc:  # truncated or not a torch file
+        return load_torch(path, "MER/La-MAML")
+    except UnsafeFileError:
+        raise
+    except (EOFError, RuntimeError, OSError, pickle.UnpicklingError) as exc:  # truncated/foreign
         raise DataNotFoundError(f"{path} is corrupt ({_first_line(exc)}); download it again "
                                 "(MER/La-MAML data)") from exc
-    except pickle.UnpicklingError:
-        # Files written by old torch versions may pickle objects the safe loader refuses. They
-        # are data the user placed here on purpose, so fall back to a full load.
-        log.warning("%s needs a full (non weights_only) torch.load", path)
-        return torch.load(path, weights_only=False)
 
 
 def _mer_tasks(tasks: Any, path: Path) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list]:
@@ -517,7 +546,7 @@ def load_mer(*, data_dir: PathLike, scenario: str) -> MerTasks:
             f"{scenario} file not found: put {MER_FILES[scenario]} (from the MER/La-MAML data) "
             f"at {path}"
         )
-    content = _torch_load_trusted(path)
+    content = _torch_load_safe(path)
     if not isinstance(content, list | tuple) or len(content) != 2:
         raise DataNotFoundError(f"{path} does not hold a (train_tasks, test_tasks) pair")
     train, params = _mer_tasks(content[0], path)
