@@ -40,7 +40,7 @@ def run_with_clean_errors(fn, *args):
         sys.exit(EXIT_USER_ERROR)
 
 
-def _nested_groups(folder: Path) -> set[str]:
+def nested_groups(folder: Path) -> set[str]:
     """Subfolders that the group's own configs pick from in their defaults lists (such as
     dataset/source/): config groups of their own, not options of this one."""
     import yaml
@@ -64,7 +64,7 @@ def unknown_choice(argv: list[str], conf_dir: Path) -> str | None:
             continue  # not a config group, or a multirun sweep over several options
         if value in ("null", "") or (folder / f"{value}.yaml").is_file():
             continue
-        nested = _nested_groups(folder)
+        nested = nested_groups(folder)
         options = sorted(str(p.relative_to(folder).with_suffix(""))
                          for p in folder.rglob("*.yaml")
                          if p.relative_to(folder).parts[0] not in nested)
