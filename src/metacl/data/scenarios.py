@@ -388,5 +388,4 @@ def from_mer(
 
 # Builders whose tasks have disjoint classes, so that a task id names a head: metacl.validate
 # refuses a method that needs task ids at test time on any other scenario.
-for _builder in (class_split, class_groups, hat_cifar):
-    _builder.disjoint_classes = True
+class_split.disjoint_classes = class_groups.disjoint_classes = hat_cifar.disjoint_classes = True
