@@ -227,7 +227,8 @@ def test_cifar_missing_names_directory(tmp_path):
     with pytest.raises(DataNotFoundError) as info:
         load_cifar100(data_dir=tmp_path)
     message = str(info.value)
-    assert str(tmp_path / "cifar-100-python") in message and "dataset.source.download=true" in message
+    assert str(tmp_path / "cifar-100-python") in message
+    assert "dataset.source.download=true" in message
     assert "\n" not in message
 
 

@@ -218,8 +218,8 @@ def _split_sizes(class_split, n: int, what: str, source: str) -> list[int]:
     sizes = [int(s) for s in class_split]
     if len(sizes) != 3 or any(s < 0 for s in sizes) or sum(sizes) != n:
         raise ConfigError(
-            f"dataset.source.class_split={list(class_split)} is invalid for {source}: it needs three "
-            f"sizes (meta-train, val, test) that add up to its {n} {what}"
+            f"dataset.source.class_split={list(class_split)} is invalid for {source}: it needs "
+            f"three sizes (meta-train, val, test) that add up to its {n} {what}"
         )
     return sizes
 
