@@ -2,29 +2,30 @@
 
 import pytest
 import pytorch_lightning as pl
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class, get_object, instantiate
 
+from metacl.cli import nested_groups
+from metacl.data.sources import facts_of
 from metacl.models.backbones import MLP
 from metacl.task_info import TaskInfo
 from metacl.validate import validate_config
 
 from .conftest import CONF
 
-INPUT_SHAPES = {"mnist": (1, 28, 28), "bundled": (1, 28, 28), "mer": (1, 28, 28),
-                "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "cifar10_100": (3, 32, 32),
-                "tinyimagenet": (3, 64, 64)}
-
 
 def options(group):
+    """A group's options, without those of the groups nested in it (dataset/source)."""
+    nested = nested_groups(CONF / group)
     return sorted(str(p.relative_to(CONF / group).with_suffix(""))
-                  for p in (CONF / group).rglob("*.yaml"))
+                  for p in (CONF / group).rglob("*.yaml")
+                  if p.relative_to(CONF / group).parts[0] not in nested)
 
 
 def _task_info(cfg):
-    shape = INPUT_SHAPES[cfg.dataset.source]
-    if cfg.dataset.scenario == "class_split":
+    shape = facts_of(get_object(cfg.dataset.source._target_)).shape
+    if "classes_per_task" in cfg.dataset.scenario:
         n_tasks = cfg.dataset.n_tasks
-        per_task = cfg.dataset.classes_per_task or 2
+        per_task = cfg.dataset.scenario.classes_per_task or 2
         classes = tuple(tuple(range(u * per_task, (u + 1) * per_task)) for u in range(n_tasks))
         return TaskInfo(n_tasks, shape, n_tasks * per_task, classes, "class")
     return TaskInfo(cfg.dataset.n_tasks, shape, 10, ((*range(10),),) * cfg.dataset.n_tasks,
@@ -34,7 +35,8 @@ def _task_info(cfg):
 def _episode_info(cfg):
     from metacl.data.episodic import EpisodeInfo
 
-    shape = (1, 28, 28) if cfg.dataset.get("source") != "miniimagenet" else (3, 84, 84)
+    source = cfg.dataset.get("source")
+    shape = facts_of(get_object(source._target_)).shape if source else (1, 28, 28)
     return EpisodeInfo(task="classification", input_shape=shape, n_outputs=5, ways=5, shots=1,
                        query=15, train_ways=5, train_shots=1, train_query=15,
                        n_train_classes=20)
@@ -79,6 +81,20 @@ def test_every_option_of_every_group_instantiates(compose, group):
         _instantiate_all(cfg)
 
 
+def test_every_source_composes_into_a_continual_dataset(compose):
+    """dataset/source=<name> swaps the loader under any continual dataset's scenario."""
+    assert options("dataset/source") == ["bundled", "cifar10", "cifar100", "cifar10_100", "mer",
+                                         "mnist", "tinyimagenet"]
+    for source in options("dataset/source"):
+        cfg = compose([f"dataset/source={source}", "paths.output_dir=/tmp/unused"])
+        dm = instantiate(cfg.dataset)
+        assert dm.source.func.__name__ == f"load_{source}"
+    # The MER files hold the dataset's own benchmark.
+    cfg = compose(["dataset=mnist_many_permutations", "dataset/source=mer"])
+    assert instantiate(cfg.dataset).source.keywords["scenario"].endswith(
+        ".mnist_many_permutations")
+
+
 def test_every_experiment_composes_and_instantiates(compose):
     experiments = options("experiment")
     assert len(experiments) > 40  # La-MAML, baselines, LibContinual, MAML paper cells
@@ -94,7 +110,8 @@ def test_defaults_are_the_documented_default_experiment(compose):
     assert cfg.method._target_ == "metacl.methods.lamaml.LaMAML"
     assert cfg.method.glances == 5 and cfg.method.opt_lr == 0.3 and cfg.method.alpha_init == 0.15
     assert cfg.method.memories == 200 and cfg.method.replay_batch_size == 10
-    assert cfg.dataset.scenario == "mnist_rotations" and cfg.dataset.source == "bundled"
+    assert cfg.dataset.scenario._target_ == "metacl.data.scenarios.mnist_rotations"
+    assert cfg.dataset.source._target_ == "metacl.data.sources.load_bundled"
     assert cfg.dataset.n_tasks == 20 and cfg.dataset.samples_per_task == 1000
     assert cfg.method.n_epochs == 1 and cfg.trainer.max_epochs == 1
 

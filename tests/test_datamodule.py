@@ -1,11 +1,16 @@
+from functools import partial
+
 import torch
 
 from metacl.data.datamodule import ContinualDataModule, random_crop_flip
+from metacl.data.scenarios import class_split, mnist_rotations
+from metacl.data.sources import load_bundled, load_cifar10
 
 
 def _dm(**kwargs):
-    args = {"source": "bundled", "scenario": "mnist_rotations", "n_tasks": 3, "samples_per_task": 50,
-                "batch_size": 8, "seed": 0}
+    args = {"source": load_bundled,
+            "scenario": partial(mnist_rotations, n_tasks=3, samples_per_task=50, seed=0),
+            "batch_size": 8, "seed": 0}
     return ContinualDataModule(**{**args, **kwargs}).build()
 
 
@@ -38,9 +43,9 @@ def test_task_info_for_domain_and_class_scenarios(tmp_path):
     from .fixtures import write_cifar
 
     write_cifar(tmp_path, n_classes=10, train_per_class=5, test_per_class=2)
-    dm = ContinualDataModule(source="cifar10", scenario="class_split", n_tasks=5,
-                             classes_per_task=2, data_dir=str(tmp_path),
-                             verify_checksums=False).build()
+    dm = ContinualDataModule(source=partial(load_cifar10, data_dir=tmp_path, verify_md5=False),
+                             scenario=partial(class_split, n_tasks=5, classes_per_task=2),
+                             n_tasks=5).build()
     info = dm.task_info
     assert info.multi_head and info.n_outputs == 10
     mask = info.class_mask()
@@ -76,10 +81,13 @@ def test_random_crop_flip_shifts_or_mirrors_each_image():
     assert len(outs) > 1
 
 
-def test_unused_scenario_key_is_a_clear_error():
+def test_a_source_or_scenario_that_is_no_node_is_a_clear_error():
     import pytest
 
     from metacl.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="classes_per_task"):
-        _dm(classes_per_task=5)
+    # What a retired string config (`dataset.source=bundled`) reaches the datamodule as.
+    with pytest.raises(ConfigError, match="dataset.source='bundled' is not a source config"):
+        _dm(source="bundled")
+    with pytest.raises(ConfigError, match="dataset.scenario='class_split' is not a scenario"):
+        _dm(scenario="class_split")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import pickle
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,15 @@ from metacl.data.episodic import (
     OMNIGLOT_CACHE,
     Episodes,
     EpisodicDataModule,
+    Sinusoid,
     load_digits_fewshot,
     load_miniimagenet,
     load_omniglot,
 )
 from metacl.data.sources import load_bundled
 from metacl.errors import ConfigError, DataNotFoundError
+
+DIGITS = partial(load_digits_fewshot)  # what conf/dataset/digits_fewshot.yaml's source gives
 
 # ------------------------------------------------------------------------------------------
 # Fixture writers: tiny datasets in the exact layouts the loaders read
@@ -100,7 +104,7 @@ def write_miniimagenet_pickles(root: Path, per_class: int = 6) -> Path:
 
 @pytest.fixture(scope="module")
 def digits_dm():
-    return EpisodicDataModule("digits_fewshot", ways=5, shots=2, query=3,
+    return EpisodicDataModule(DIGITS, ways=5, shots=2, query=3,
                               val_episodes=4, test_episodes=6).build()
 
 
@@ -139,7 +143,7 @@ def test_episode_layout_and_relabelling(digits_dm):
 
 
 def test_episode_images_are_the_class_digit_rotated():
-    dm = EpisodicDataModule("digits_fewshot", ways=5, shots=1, query=2).build()
+    dm = EpisodicDataModule(DIGITS, ways=5, shots=1, query=2).build()
     pool = dm.pools["train"]
     gen = torch.Generator().manual_seed(3)
     cls, images = pool.draw(4, 5, 3, gen)
@@ -160,15 +164,15 @@ def test_episode_images_are_the_class_digit_rotated():
 
 
 def test_fixed_test_episodes_depend_only_on_episode_seed():
-    a = EpisodicDataModule("digits_fewshot", test_episodes=5, val_episodes=5, seed=1).build()
-    b = EpisodicDataModule("digits_fewshot", test_episodes=5, val_episodes=5, seed=2).build()
+    a = EpisodicDataModule(DIGITS, test_episodes=5, val_episodes=5, seed=1).build()
+    b = EpisodicDataModule(DIGITS, test_episodes=5, val_episodes=5, seed=2).build()
     ta, tb = next(a.eval_episodes("test").batches(5)), next(b.eval_episodes("test").batches(5))
     assert all(torch.equal(x, y) for x, y in zip(ta, tb))
     va = next(a.eval_episodes("val").batches(5))
     assert not torch.equal(va.classes, ta.classes)  # other split, other classes
     # Meta-training episodes follow the run seed.
     assert not torch.equal(a.draw_train(2).support_x, b.draw_train(2).support_x)
-    c = EpisodicDataModule("digits_fewshot", test_episodes=5, episode_seed=7).build()
+    c = EpisodicDataModule(DIGITS, test_episodes=5, episode_seed=7).build()
     assert not torch.equal(next(c.eval_episodes("test").batches(5)).query_x, ta.query_x)
     # Batching does not change the episodes.
     chunks = list(a.eval_episodes("test").batches(2))
@@ -177,31 +181,31 @@ def test_fixed_test_episodes_depend_only_on_episode_seed():
 
 
 def test_debug_limits_map_to_episodes():
-    dm = EpisodicDataModule("digits_fewshot", meta_batches_per_epoch=500, test_episodes=600,
+    dm = EpisodicDataModule(DIGITS, meta_batches_per_epoch=500, test_episodes=600,
                             val_episodes=100, limit_tasks=2, limit_train_per_task=40,
                             limit_test_per_task=50).build()
     assert dm.meta_batches_per_epoch == 2 and len(dm.train_dataloader()) == 2
     assert len(dm.eval_episodes("test")) == 50 and len(dm.eval_episodes("val")) == 50
     assert int(dm.pools["train"].counts.max()) == 40
     with pytest.raises(ConfigError, match="limit_train_per_task"):
-        EpisodicDataModule("digits_fewshot", shots=5, query=15, limit_train_per_task=10).build()
+        EpisodicDataModule(DIGITS, shots=5, query=15, limit_train_per_task=10).build()
 
 
 def test_invalid_configurations_are_one_clear_line():
     with pytest.raises(ConfigError, match="floppy"):
         EpisodicDataModule("floppy")
-    with pytest.raises(ConfigError, match="amplitude"):
-        EpisodicDataModule("digits_fewshot", amplitude=[0.1, 5.0])
+    with pytest.raises(ConfigError, match="not an episodic source"):
+        EpisodicDataModule(partial(load_bundled))  # a continual source
     with pytest.raises(ConfigError, match="20-way"):
-        EpisodicDataModule("digits_fewshot", ways=20).build()
+        EpisodicDataModule(DIGITS, ways=20).build()
     with pytest.raises(ConfigError, match="class_split"):
-        EpisodicDataModule("digits_fewshot", class_split=[20, 5, 5]).build()
+        EpisodicDataModule(partial(load_digits_fewshot, class_split=[20, 5, 5])).build()
     with pytest.raises(ConfigError, match="ways"):
-        EpisodicDataModule("sinusoid", ways=5)
+        EpisodicDataModule(partial(Sinusoid), ways=5)
 
 
 def test_train_ways_shape_only_meta_training_episodes():
-    dm = EpisodicDataModule("digits_fewshot", ways=5, shots=1, query=2, train_ways=10,
+    dm = EpisodicDataModule(DIGITS, ways=5, shots=1, query=2, train_ways=10,
                             train_shots=2, train_query=3, test_episodes=2).build()
     train = dm.draw_train(2)
     assert train.support_x.shape[1] == 20 and train.query_x.shape[1] == 30
@@ -228,8 +232,8 @@ def test_omniglot_from_torchvision_layout(tmp_path):
     cached = load_omniglot(data_dir=root, class_split=(4, 1, 3))
     assert torch.equal(cached.images, source.images)
 
-    dm = EpisodicDataModule("omniglot", ways=3, shots=1, query=2, data_dir=str(root),
-                            class_split=[4, 1, 3], val_episodes=0, test_episodes=4).build()
+    dm = EpisodicDataModule(partial(load_omniglot, data_dir=root, class_split=[4, 1, 3]),
+                            ways=3, shots=1, query=2, val_episodes=0, test_episodes=4).build()
     episodes = next(dm.eval_episodes("test").batches(4))
     assert episodes.support_x.shape == (4, 3, 1, 28, 28)
     # Inverted as the reference: the white background becomes 0, strokes near 1.
@@ -269,7 +273,7 @@ def test_miniimagenet_layouts(tmp_path, layout):
     for c in range(10):
         members = means[source.labels == c]
         assert len(members) == 6 and float((members - members.mean(0)).abs().max()) < 12
-    dm = EpisodicDataModule("miniimagenet", ways=3, shots=1, query=2, data_dir=str(root),
+    dm = EpisodicDataModule(partial(load_miniimagenet, data_dir=root), ways=3, shots=1, query=2,
                             val_episodes=2, test_episodes=3).build()
     test = next(dm.eval_episodes("test").batches(3))
     assert test.support_x.shape == (3, 3, 3, 84, 84)
@@ -288,8 +292,9 @@ def test_miniimagenet_missing_names_both_layouts(tmp_path):
 
 
 def test_sinusoid_tasks():
-    dm = EpisodicDataModule("sinusoid", ways=1, shots=10, query=5, test_episodes=20,
-                            amplitude=[0.1, 5.0], phase=[0.0, np.pi], x_range=[-5.0, 5.0]).build()
+    dm = EpisodicDataModule(partial(Sinusoid, amplitude=[0.1, 5.0], phase=[0.0, np.pi],
+                                    x_range=[-5.0, 5.0]),
+                            ways=1, shots=10, query=5, test_episodes=20).build()
     info = dm.episode_info
     assert (info.task, info.input_shape, info.n_outputs) == ("regression", (1,), 1)
     test = next(dm.eval_episodes("test").batches(20))

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 
 from metacl.data.episodic import EpisodeInfo, Episodes
 from metacl.errors import ConfigError
@@ -19,7 +21,7 @@ from metacl.fewshot.learned_lr import PerParameterLR
 from metacl.fewshot.maml import MAML, inner_loop
 from metacl.fewshot.meta_sgd import MetaSGD
 from metacl.fewshot.protonet import ProtoNet
-from metacl.models import BACKBONES, MLP
+from metacl.models import MLP
 from metacl.models.conv4 import Conv4, batch_norm, vmap_safe_batch_norm
 from metacl.runner.main import main as run_main
 
@@ -75,7 +77,7 @@ def test_conv4_layouts_follow_the_reference():
     assert omniglot.out_hw == (2, 2)
     mini = Conv4((3, 84, 84), 5)
     assert (mini.channels, mini.max_pool, mini.feature_dim) == (32, True, 800)
-    assert BACKBONES["conv4"] is Conv4
+    assert get_class(OmegaConf.load(CONF / "model" / "conv4.yaml")._target_) is Conv4
     x = torch.rand(4, 3, 84, 84)
     assert mini(x).shape == (4, 5) and mini.features(x).shape == (4, 800)
     params = [p.detach() * 1.0 for p in mini.parameters()]

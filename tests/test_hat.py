@@ -217,7 +217,8 @@ def test_after_task_accumulates_masks_reports_usage_and_state_restores():
 
 def test_hat_refuses_an_ungated_model_in_one_line():
     info = TaskInfo(2, (3, 16, 16), 4, ((0, 1), (2, 3)), "class")
-    with pytest.raises(ConfigError, match=r"needs a gated model, not PcCNN; allowed: model=mlp"):
+    with pytest.raises(ConfigError,
+                       match=r"needs a gated model, not PcCNN; allowed: model=alexnet, mlp, mlp_hat$"):
         HAT(PcCNN((3, 16, 16), 4, channels=4, hidden=6), info)
 
 

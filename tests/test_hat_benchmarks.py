@@ -84,7 +84,7 @@ def test_mnist2_is_digits_0_to_4_then_5_to_9(compose):
 def test_full_mnist_configs_read_the_raw_files(compose):
     for name in ("pmnist", "mnist2"):
         cfg = compose([f"dataset={name}", "data_dir=/nonexistent"])
-        assert cfg.dataset.source == "mnist"
+        assert cfg.dataset.source._target_ == "metacl.data.sources.load_mnist"
         with pytest.raises(Exception, match="MNIST not found"):
             instantiate(cfg.dataset).build()
 
@@ -93,7 +93,7 @@ def test_hat_with_alexnet_and_its_schedule_on_hat_cifar_end_to_end(compose, tmp_
     out = tmp_path / "out"
     cfg = compose(["debug=fast", f"paths.output_dir={out}", "method=hat", "model=alexnet",
                    "dataset=hat_cifar", f"data_dir={cifar_dir}", "schedule=hat",
-                   "dataset.verify_checksums=false", "dataset.limit_train_per_task=null",
+                   "dataset.source.verify_md5=false", "dataset.limit_train_per_task=null",
                    "dataset.limit_test_per_task=null", "method.n_epochs=2",
                    "method.batch_size=32", "model.channels=[8,16,32]", "model.hidden=64"])
     run_main(cfg)

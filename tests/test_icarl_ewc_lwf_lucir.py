@@ -426,7 +426,7 @@ def test_icarl_class_split_run_writes_nme_and_head_matrices(compose, tmp_path):
     out = tmp_path / "out"
     cfg = compose([
         "debug=fast", f"paths.output_dir={out}", "method=icarl", "dataset=cifar10",
-        f"data_dir={data}", "model=mlp", "dataset.verify_checksums=false",
+        f"data_dir={data}", "model=mlp", "dataset.source.verify_md5=false",
         "dataset.limit_train_per_task=null", "dataset.limit_test_per_task=null",
         "dataset.limit_tasks=3", "dataset.augment=false", "method.memory_size=12",
         "method.n_epochs=2", "save_checkpoints=false"])

@@ -187,4 +187,4 @@ def test_experiment_files_hold_the_reference_commands(compose, cell, memories, e
     assert (m.memories, m.n_epochs, m.glances, m.std_init, m.mean_eta) == (
         memories, epochs, glances, std, eta)
     assert (m.train_mc_iters, m.inner_batches, m.alpha_init, m.second_order) == (2, 3, 0.1, True)
-    assert cfg.dataset.validation == 0.1 and cfg.dataset.class_order == "random"
+    assert cfg.dataset.validation == 0.1 and cfg.dataset.scenario.class_order == "random"

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import vmap
 
 from metacl.errors import ConfigError
-from metacl.models import BACKBONES, MLP, Backbone, PcCNN, ResNet18, build_backbone
+from metacl.models import MLP, Backbone, PcCNN, ResNet18
 from metacl.models.alexnet import AlexNet
 from metacl.models.conv4 import Conv4
 
@@ -116,15 +116,38 @@ def test_resnet18_layout():
     assert len(list(ResNet18(CIFAR, 10, track_running_stats=False).buffers())) == 0
 
 
-def test_registry_and_builder():
-    assert BACKBONES == {"mlp": MLP, "pc_cnn": PcCNN, "resnet18": ResNet18, "conv4": Conv4,
-                         "alexnet": AlexNet}
-    model = build_backbone("pc_cnn", CIFAR, 7, channels=4)
-    assert isinstance(model, Backbone) and model.channels == 4
-    with pytest.raises(KeyError):
-        build_backbone("vgg", CIFAR, 7)
+def test_model_configs_name_the_backbones():
+    """Hydra's _target_ is the registry: every conf/model option builds its backbone class."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from metacl.models.backbones import gated_backbones
+
+    from .conftest import CONF
+
+    classes = {}
+    for path in sorted((CONF / "model").glob("*.yaml")):
+        model = instantiate(OmegaConf.load(path), input_shape=CIFAR, n_outputs=7)
+        assert isinstance(model, Backbone) and model(torch.zeros(2, *CIFAR)).shape == (2, 7)
+        classes[path.stem] = type(model)
+    assert classes == {"alexnet": AlexNet, "conv4": Conv4, "mlp": MLP, "mlp_hat": MLP,
+                       "pc_cnn": PcCNN, "resnet18": ResNet18}
+    assert gated_backbones() == ["alexnet", "mlp", "mlp_hat"]  # HAT's allowed models
     with pytest.raises(TypeError):
         MLP(MNIST, 10, not_a_hparam=1)
+
+
+def test_backbones_import_no_model_built_on_them():
+    """No import circle: backbones.py defines the base class and imports neither alexnet.py
+    nor conv4.py, which build on it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, metacl.models.backbones; "
+            "print(sorted(m for m in sys.modules if m.startswith('metacl.models')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert "alexnet" not in out and "conv4" not in out and "metacl.models.backbones" in out
 
 
 @pytest.mark.parametrize("case", CASES)

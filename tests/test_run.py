@@ -69,7 +69,7 @@ def test_every_method_runs_end_to_end_on_permutations(compose, tmp_path, monkeyp
     _, value, results = _run(compose, tmp_path, [
         f"method={method}", "dataset=mnist_permutations", "dataset.limit_train_per_task=10"])
     assert results["status"] == "completed"
-    assert results["config"]["dataset"]["scenario"] == "mnist_permutations"
+    assert results["config"]["dataset"]["scenario"]["_target_"].endswith(".mnist_permutations")
     R = results["accuracy_matrix"]
     assert len(R) == 2 and all(len(row) == 2 for row in R)
     assert all(0.0 <= a <= 1.0 for row in R for a in row)
@@ -164,7 +164,7 @@ def test_class_split_run_reports_task_aware_and_agnostic(compose, tmp_path, meth
     out = tmp_path / "out"
     _, _, results = _run(compose, out, [
         f"method={method}", "dataset=cifar10", f"data_dir={data}", "model=mlp",
-        "dataset.verify_checksums=false", "dataset.limit_train_per_task=null",
+        "dataset.source.verify_md5=false", "dataset.limit_train_per_task=null",
         "dataset.limit_test_per_task=null", "dataset.limit_tasks=3", "dataset.augment=false",
         "method.n_epochs=3"])
     aware, agnostic = results["accuracy_matrix"], results["accuracy_matrix_agnostic"]

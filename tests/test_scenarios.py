@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from metacl.data.scenarios import (
-    SCENARIOS,
-    build_scenario,
     class_split,
     from_mer,
     mnist_many_permutations,
@@ -286,16 +284,23 @@ def test_from_mer_keeps_leading_samples_and_tasks():
         from_mer(mer, samples_per_task=13)
 
 
-def test_build_scenario_dispatch_and_unknown():
-    split = _tagged_split()
-    assert set(SCENARIOS) == {
-        "mnist_rotations",
-        "mnist_permutations",
-        "mnist_many_permutations",
-        "class_split",
-        "hat_cifar",
-    }
-    tasks = build_scenario("class_split", split, n_tasks=5, class_order="fixed")
-    assert [t.param for t in tasks] == [[4 * t + c for c in range(4)] for t in range(5)]
-    with pytest.raises(ConfigError, match="unknown scenario 'spirals'; allowed: mnist_rotations"):
-        build_scenario("spirals", split)
+def test_dataset_configs_name_their_scenario_builders(compose):
+    """Every continual dataset config's scenario node is a partial of a builder here; the one
+    of cifar10 cuts the same tasks as calling class_split with its keys."""
+    from hydra.utils import instantiate
+
+    from .conftest import CONF
+
+    for path in sorted((CONF / "dataset").glob("*.yaml")):
+        cfg = compose([f"dataset={path.stem}"])
+        if cfg.dataset._target_.endswith("ContinualDataModule"):
+            builder = instantiate(cfg.dataset.scenario)
+            assert builder.func.__module__ == "metacl.data.scenarios", path.stem
+    split = _tagged_split(n_classes=10)
+    cfg = compose(["dataset=cifar10", "dataset.scenario.class_order=fixed", "seed=3"])
+    tasks = instantiate(cfg.dataset.scenario)(split)
+    direct = class_split(split, n_tasks=5, classes_per_task=2, class_order="fixed",
+                         validation=0.1, seed=3)
+    assert [t.param for t in tasks] == [t.param for t in direct] == [[0, 1], [2, 3], [4, 5],
+                                                                    [6, 7], [8, 9]]
+    assert all(torch.equal(a.x_val, b.x_val) for a, b in zip(tasks, direct))

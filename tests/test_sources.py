@@ -23,7 +23,6 @@ from metacl.data.sources import (
     load_cifar100,
     load_mer,
     load_mnist,
-    load_source,
     load_tinyimagenet,
 )
 from metacl.errors import ConfigError, DataNotFoundError
@@ -100,7 +99,7 @@ def test_mnist_missing_names_directory_and_files(tmp_path):
     message = str(info.value)
     assert "\n" not in message
     assert str(tmp_path / "MNIST" / "raw") in message
-    assert "train-images-idx3-ubyte" in message and "dataset.download=true" in message
+    assert "train-images-idx3-ubyte" in message and "dataset.source.download=true" in message
 
 
 def test_mnist_partial_files_lists_only_missing(tmp_path):
@@ -228,7 +227,8 @@ def test_cifar_missing_names_directory(tmp_path):
     with pytest.raises(DataNotFoundError) as info:
         load_cifar100(data_dir=tmp_path)
     message = str(info.value)
-    assert str(tmp_path / "cifar-100-python") in message and "dataset.download=true" in message
+    assert str(tmp_path / "cifar-100-python") in message
+    assert "dataset.source.download=true" in message
     assert "\n" not in message
 
 
@@ -413,13 +413,34 @@ def test_mer_missing_file_and_bad_scenario(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# Registry
+# Facts next to the loaders (what metacl.validate checks configs against)
 # ------------------------------------------------------------------------------------------
 
 
-def test_load_source_dispatches_and_rejects_unknown(tmp_path):
+def test_every_source_config_names_a_loader_whose_facts_match_its_data(tmp_path):
+    from hydra.utils import get_object
+    from omegaconf import OmegaConf
+
+    from metacl.data.sources import SourceFacts, facts_of
+
+    from .conftest import CONF
+
+    for path in sorted((CONF / "dataset" / "source").glob("*.yaml")):
+        node = OmegaConf.load(path)
+        assert node._partial_ and isinstance(facts_of(get_object(node._target_)), SourceFacts)
+    # The bundled digits are what their facts say, to the sample.
+    split = load_bundled()
+    facts = facts_of(load_bundled)
+    assert (facts.classes, facts.train, facts.shape) == (split.n_classes, len(split.y_train),
+                                                         tuple(split.x_train.shape[1:]))
+    # The full sets: the same classes and image shape as files in their real format give.
     _write_mnist(tmp_path)
-    assert load_source("mnist", data_dir=tmp_path).x_train.shape[0] == 6
-    with pytest.raises(ConfigError) as info:
-        load_source("foo")
-    assert str(info.value).startswith("unknown dataset source 'foo'; allowed: bundled, mnist")
+    _write_cifar10(tmp_path)
+    _write_cifar100(tmp_path)
+    for loader, options in ((load_mnist, {}), (load_cifar10, {"verify_md5": False}),
+                            (load_cifar100, {"verify_md5": False}),
+                            (sources.load_cifar10_100, {"verify_md5": False})):
+        split = loader(data_dir=tmp_path, **options)
+        facts = facts_of(loader)
+        assert (facts.classes, facts.shape) == (split.n_classes, tuple(split.x_train.shape[1:]))
+

@@ -83,8 +83,14 @@ def test_lamaml_search_covers_opt_lr_alpha_init_and_glances():
 
 # ----------------------------------------------------------------------------- validation
 def _dm(**kwargs):
-    args = {"source": "bundled", "scenario": "mnist_rotations", "n_tasks": 2,
-            "samples_per_task": 100, "seed": 0, "validation": 0.2}
+    from functools import partial
+
+    from metacl.data.scenarios import mnist_rotations
+    from metacl.data.sources import load_bundled
+
+    seed = kwargs.pop("seed", 0)
+    args = {"source": load_bundled, "seed": seed, "validation": 0.2,
+            "scenario": partial(mnist_rotations, n_tasks=2, samples_per_task=100, seed=seed)}
     return ContinualDataModule(**{**args, **kwargs}).build()
 
 

@@ -95,7 +95,7 @@ def _empty_dir(tmp: Path) -> Path:
 
 
 # (id, overrides, data fixture or None, fragments the error line must contain)
-CIFAR = ["dataset=cifar10", "model=mlp", "dataset.verify_checksums=false"]
+CIFAR = ["dataset=cifar10", "model=mlp", "dataset.source.verify_md5=false"]
 ROWS = [
     ("zero lr", ["method=er", "method.lr=0"], None, ["method.lr=0", "> 0"]),
     ("negative lr", ["method=finetune", "method.lr=-0.1"], None, ["method.lr=-0.1", "> 0"]),
@@ -109,14 +109,18 @@ ROWS = [
     ("unknown allocator", ["cpu_allocator=jemalloc"], None,
      ["cpu_allocator='jemalloc'", "tuned, system"]),
     ("string lr", ["method=er", "method.lr=fast"], None, ["method.lr='fast'"]),
-    ("classes not divisible", [*CIFAR, "dataset.n_tasks=3", "dataset.classes_per_task=null"],
+    ("classes not divisible", [*CIFAR, "dataset.n_tasks=3",
+                               "dataset.scenario.classes_per_task=null"],
      None, ["dataset.n_tasks=3", "10 classes"]),
-    ("init/inc inconsistent", [*CIFAR, "dataset.n_tasks=4", "dataset.classes_per_task=null",
-                               "dataset.init_cls_num=4", "dataset.inc_cls_num=3"], None,
-     ["dataset.init_cls_num=4", "dataset.inc_cls_num=3", "13 classes"]),
-    ("init leaves uneven rest", [*CIFAR, "dataset.n_tasks=4", "dataset.classes_per_task=null",
-                                 "dataset.init_cls_num=5"], None,
-     ["dataset.init_cls_num=5", "dataset.inc_cls_num"]),
+    ("init/inc inconsistent", [*CIFAR, "dataset.n_tasks=4",
+                               "dataset.scenario.classes_per_task=null",
+                               "dataset.scenario.init_cls_num=4",
+                               "dataset.scenario.inc_cls_num=3"], None,
+     ["dataset.scenario.init_cls_num=4", "dataset.scenario.inc_cls_num=3", "13 classes"]),
+    ("init leaves uneven rest", [*CIFAR, "dataset.n_tasks=4",
+                                 "dataset.scenario.classes_per_task=null",
+                                 "dataset.scenario.init_cls_num=5"], None,
+     ["dataset.scenario.init_cls_num=5", "dataset.scenario.inc_cls_num"]),
     ("samples_per_task too large", ["dataset.samples_per_task=5000"], None,
      ["dataset.samples_per_task=5000", "4000"]),
     ("task ids needed", [f"method._target_={__name__}.TaskIdOnlyMethod"], None,
@@ -131,22 +135,25 @@ ROWS = [
                                        "model=conv4", "dataset.train_ways=30"], None,
      ["dataset.train_ways=30", "24"]),
     ("data_dir missing", CIFAR, "missing", ["cifar-10-batches-py", "does not exist",
-                                             "dataset.download=true"]),
-    ("data_dir without the files", ["dataset.source=mnist"], _empty_dir,
-     ["MNIST not found", "train-images-idx3-ubyte", "dataset.download=true"]),
+                                             "dataset.source.download=true"]),
+    ("data_dir without the files", ["dataset/source=mnist"], _empty_dir,
+     ["MNIST not found", "train-images-idx3-ubyte", "dataset.source.download=true"]),
     ("truncated pickle", CIFAR, _truncated_cifar, ["CIFAR-10", "corrupt"]),
     ("wrong array shape (CIFAR)", CIFAR, _wrong_shape_cifar, ["CIFAR-10", "corrupt"]),
     ("bad JPEG", ["dataset=tinyimagenet", "model=mlp"], _bad_jpeg_tiny,
      ["cannot read TinyImageNet image", ".JPEG"]),
-    ("wrong array shape (MER)", ["dataset.source=mer"], _wrong_shape_mer,
+    ("wrong array shape (MER)", ["dataset/source=mer"], _wrong_shape_mer,
      ["mnist_rotations.pt", "(5, 100)", "784"]),
-    ("truncated torch file (MER)", ["dataset.source=mer"], _truncated_mer,
+    ("truncated torch file (MER)", ["dataset/source=mer"], _truncated_mer,
      ["mnist_rotations.pt", "corrupt"]),
-    ("crafted torch file (MER)", ["dataset.source=mer"], _crafted_mer,
+    ("crafted torch file (MER)", ["dataset/source=mer"], _crafted_mer,
      ["refusing to load", "mnist_rotations.pt", "posix.system"]),
     ("resume without checkpoint", ["resume.path=true"], None,
      ["resume.path=true", "no checkpoint"]),
-    ("unknown dataset source", ["dataset.source=floppy"], None, ["floppy", "bundled"]),
+    ("retired source string", ["dataset.source=mnist"], None,
+     ["dataset.source='mnist'", "dataset/source=<name>"]),
+    ("scenario that cannot be imported", ["dataset.scenario._target_=metacl.data.spirals"], None,
+     ["dataset.scenario._target_=metacl.data.spirals"]),
     # Trainer settings: every key works or is refused in one line (metacl.runner.trainer).
     ("trainer gradient clipping", ["+trainer.gradient_clip_val=1.0"], None,
      ["trainer.gradient_clip_val", "method.grad_clip_norm"]),
@@ -252,6 +259,13 @@ def test_cli_unknown_option_and_bad_value_exit_2_with_one_line(tmp_path, previou
     assert unknown.returncode == EXIT_USER_ERROR
     assert unknown.stderr.strip().splitlines() == [unknown.stderr.strip()]  # one line
     assert "method=lamaml2" in unknown.stderr and "lamaml, " in unknown.stderr
+    # A nested group's option (dataset/source) is named with its own options, no others.
+    source = _train_py(["dataset/source=floppy", f"hydra.run.dir={previous_run}"], tmp_path)
+    assert source.returncode == EXIT_USER_ERROR
+    assert source.stderr.strip().splitlines() == [source.stderr.strip()]
+    assert "dataset/source=floppy" in source.stderr and "bundled, cifar10, " in source.stderr
+    dataset = _train_py(["dataset=floppy", f"hydra.run.dir={previous_run}"], tmp_path)
+    assert "cifar10, " in dataset.stderr and "source/" not in dataset.stderr
     bad = _train_py(["debug=fast", "method=er", "method.lr=-1", f"hydra.run.dir={previous_run}"],
                     tmp_path)
     assert bad.returncode == EXIT_USER_ERROR and "Traceback" not in bad.stderr

@@ -40,6 +40,19 @@ def run_with_clean_errors(fn, *args):
         sys.exit(EXIT_USER_ERROR)
 
 
+def nested_groups(folder: Path) -> set[str]:
+    """Subfolders that the group's own configs pick from in their defaults lists (such as
+    dataset/source/): config groups of their own, not options of this one."""
+    import yaml
+
+    nested = set()
+    for path in folder.glob("*.yaml"):
+        for entry in (yaml.safe_load(path.read_text()) or {}).get("defaults") or []:
+            if isinstance(entry, dict):
+                nested.update(str(key).split("@")[0].lstrip("/") for key in entry)
+    return {name for name in nested if (folder / name).is_dir()}
+
+
 def unknown_choice(argv: list[str], conf_dir: Path) -> str | None:
     """One line for `group=option` arguments naming an option that has no yaml (Hydra's own
     message spans a dozen lines), e.g. `method=foo is not an option; allowed: agem, ...`."""
@@ -51,8 +64,10 @@ def unknown_choice(argv: list[str], conf_dir: Path) -> str | None:
             continue  # not a config group, or a multirun sweep over several options
         if value in ("null", "") or (folder / f"{value}.yaml").is_file():
             continue
+        nested = nested_groups(folder)
         options = sorted(str(p.relative_to(folder).with_suffix(""))
-                         for p in folder.rglob("*.yaml"))
+                         for p in folder.rglob("*.yaml")
+                         if p.relative_to(folder).parts[0] not in nested)
         shown = ", ".join(options[:30]) + (", ..." if len(options) > 30 else "")
         return f"{group}={value} is not an option of '{group}'; allowed: {shown}"
     return None

@@ -43,8 +43,8 @@ RATIO_METRICS = ("rho",)
 RANDOM_METHOD, JOINT_METHOD = "random", "joint"
 FEWSHOT_METRICS = ("test_acc",)
 # Config leaves that never make two runs different experiments.
-IGNORED_LEAVES = {"seed", "data_dir", "download", "verify_checksums", "eval_batch_size",
-                  "_partial_"}
+IGNORED_LEAVES = {"seed", "data_dir", "download", "verify_checksums", "verify_md5",
+                  "eval_batch_size", "_partial_"}
 COMPARED_SUBTREES = ("method", "model", "dataset")
 
 # Two-sided 95% quantiles of Student's t for df = 1..30, then a few larger df.
@@ -115,13 +115,21 @@ def _flatten(tree, prefix: str = "") -> dict:
     return out
 
 
+def _node_name(node):
+    """A dataset's source or scenario by name: the loader/builder its node targets
+    (`metacl.data.sources.load_cifar100` -> cifar100), or the string older runs recorded."""
+    if isinstance(node, dict):
+        return str(node.get("_target_", "")).rsplit(".", 1)[-1].removeprefix("load_") or None
+    return node
+
+
 def _names(config: dict) -> tuple[str, str]:
     """(dataset, method) config names: Hydra's choices when recorded, else guessed."""
     choices = (config.get("hydra") or {}).get("choices") or {}
     dataset_cfg = config.get("dataset") or {}
     dataset = choices.get("dataset")
     if not dataset:
-        source, scenario = dataset_cfg.get("source"), dataset_cfg.get("scenario")
+        source, scenario = (_node_name(dataset_cfg.get(k)) for k in ("source", "scenario"))
         dataset = source if scenario in (None, "class_split") else scenario
     method = choices.get("method")
     if not method:

@@ -16,8 +16,12 @@ Data files themselves (missing, corrupt, wrong shape) are checked where they are
 | method fits the dataset  | method class protocol == dataset class protocol                |
 | task ids exist           | a method needing task ids at test time on a scenario with them |
 | method builds on model   | pathnet/pnn (a class's `network_models`): model=mlp/mlp_hat/alexnet |
-| classes split into tasks | dataset.n_tasks, classes_per_task, init_cls_num, inc_cls_num   |
+| dataset nodes            | dataset.source / dataset.scenario: nodes with an importable    |
+|                          | _target_ (a string names the dataset/source group's options)   |
+| classes split into tasks | dataset.n_tasks; dataset.scenario.classes_per_task,            |
+|                          | init_cls_num, inc_cls_num (class count: the loader's facts)    |
 | enough samples           | dataset.samples_per_task <= training samples of the source     |
+|                          | (the loader's `facts`, metacl.data.sources)                    |
 | model takes the input    | model built and run on one zero batch of the dataset's shape   |
 | few-shot ways            | dataset.ways / train_ways <= classes of the episode pools      |
 | trainer                  | trainer.accelerator in auto/cpu/gpu (+ a visible GPU for gpu) |
@@ -33,7 +37,7 @@ import math
 import os
 from pathlib import Path
 
-from hydra.utils import get_class
+from hydra.utils import get_class, get_object
 from omegaconf import DictConfig
 
 from metacl.allocator import check_cpu_allocator
@@ -42,20 +46,6 @@ from metacl.runner.trainer import check_trainer
 
 # How a run proceeds is decided by its datamodule's `protocol` (metacl.runner.main.LOOPS).
 PROTOCOLS = ("continual", "episodic")
-
-# What each continual source holds, known without reading it: classes, training samples
-# (the largest split a task can draw from) and the (C, H, W) of one image.
-CONTINUAL_SOURCES = {
-    "bundled": {"classes": 10, "train": 4000, "shape": (1, 28, 28)},
-    "mnist": {"classes": 10, "train": 60000, "shape": (1, 28, 28)},
-    "mer": {"classes": 10, "train": None, "shape": (1, 28, 28)},
-    "cifar10": {"classes": 10, "train": 50000, "shape": (3, 32, 32)},
-    "cifar100": {"classes": 100, "train": 50000, "shape": (3, 32, 32)},
-    "tinyimagenet": {"classes": 200, "train": 100000, "shape": (3, 64, 64)},
-}
-EPISODIC_SHAPES = {"omniglot": (1, 28, 28), "digits_fewshot": (1, 28, 28),
-                   "miniimagenet": (3, 84, 84), "sinusoid": (1,)}
-MINIIMAGENET_SPLIT = (64, 16, 20)
 
 # method keys that must be > 0 (rates) or >= 1 (counts) when present; >= 0 (memories).
 POSITIVE_RATES = ("lr", "opt_lr", "opt_wt", "alpha_init", "meta_lr", "inner_lr")
@@ -108,115 +98,158 @@ def check_protocols(cfg: DictConfig) -> str:
 
 
 def _class_counts(ds: DictConfig, n_classes: int) -> list[int]:
-    """Classes per task from n_tasks / classes_per_task / init_cls_num / inc_cls_num."""
-    n_tasks = ds.get("n_tasks")
+    """Classes per task from n_tasks and the class split's classes_per_task / init_cls_num /
+    inc_cls_num (keys of dataset.scenario)."""
+    n_tasks, sc = ds.get("n_tasks"), ds.scenario
     if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
         raise ConfigError(f"dataset.n_tasks={n_tasks!r} is invalid; allowed: an integer >= 1")
-    per_task, init, inc = ds.get("classes_per_task"), ds.get("init_cls_num"), ds.get("inc_cls_num")
+    per_task, init, inc = sc.get("classes_per_task"), sc.get("init_cls_num"), sc.get("inc_cls_num")
     for key, value in (("classes_per_task", per_task), ("init_cls_num", init),
                        ("inc_cls_num", inc)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 1):
-            raise ConfigError(f"dataset.{key}={value!r} is invalid; allowed: an integer >= 1")
+            raise ConfigError(f"dataset.scenario.{key}={value!r} is invalid; allowed: an "
+                              "integer >= 1")
     if per_task is not None and (init is not None or inc is not None):
-        raise ConfigError(f"dataset.classes_per_task={per_task} conflicts with "
-                          "dataset.init_cls_num/inc_cls_num; give one or the other")
+        raise ConfigError(f"dataset.scenario.classes_per_task={per_task} conflicts with "
+                          "dataset.scenario.init_cls_num/inc_cls_num; give one or the other")
     if init is not None or inc is not None:
         init = inc if init is None else init
         if inc is None and n_tasks > 1:
             rest = n_classes - init
             if rest <= 0 or rest % (n_tasks - 1):
                 raise ConfigError(
-                    f"dataset.init_cls_num={init} leaves {rest} of {n_classes} classes, which do "
-                    f"not split evenly into dataset.n_tasks-1={n_tasks - 1} tasks; set "
-                    "dataset.inc_cls_num")
+                    f"dataset.scenario.init_cls_num={init} leaves {rest} of {n_classes} "
+                    f"classes, which do not split evenly into dataset.n_tasks-1={n_tasks - 1} "
+                    "tasks; set dataset.scenario.inc_cls_num")
             inc = rest // (n_tasks - 1)
         sizes = [init] + [inc] * (n_tasks - 1)
-        described = f"dataset.init_cls_num={init}, dataset.inc_cls_num={inc}"
+        described = f"dataset.scenario.init_cls_num={init}, dataset.scenario.inc_cls_num={inc}"
     else:
         if per_task is None:
             if n_classes % n_tasks:
                 raise ConfigError(f"dataset.n_tasks={n_tasks} does not divide the {n_classes} "
-                                  "classes evenly; set dataset.classes_per_task or "
-                                  "dataset.init_cls_num/inc_cls_num")
+                                  "classes evenly; set dataset.scenario.classes_per_task or "
+                                  "dataset.scenario.init_cls_num/inc_cls_num")
             per_task = n_classes // n_tasks
         sizes = [per_task] * n_tasks
-        described = f"dataset.classes_per_task={per_task}"
+        described = f"dataset.scenario.classes_per_task={per_task}"
     if sum(sizes) > n_classes:
         raise ConfigError(f"dataset.n_tasks={n_tasks} with {described} needs {sum(sizes)} "
                           f"classes; the source has {n_classes}")
     return sizes
 
 
-def check_continual_dataset(ds: DictConfig) -> tuple[int, ...] | None:
-    """Rules for ContinualDataModule configs; returns the input shape when it is known."""
-    facts = CONTINUAL_SOURCES.get(ds.get("source"))
+def _group_options(group: str) -> str:
+    """The options of a config group, as Hydra sees them (empty outside a Hydra run)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        return ""
+    options = GlobalHydra.instance().config_loader().get_group_options(group)
+    return f"; allowed: {', '.join(sorted(options))}" if options else ""
+
+
+def _target(ds: DictConfig, key: str, group: str | None = None):
+    """The object a dataset node (`source`, `scenario`) names by its _target_, with one line
+    for a value that is no such node (e.g. the string of a retired `dataset.source=mnist`)."""
+    node = ds.get(key)
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        hint = f"; choose one with {group}=<name>{_group_options(group)}" if group else ""
+        raise ConfigError(f"dataset.{key}={node!r} is not a {key} config (a node with a "
+                          f"_target_){hint}")
+    try:
+        return get_object(node._target_)
+    except Exception as err:  # Hydra raises ImportError or its own wrapper
+        raise ConfigError(f"dataset.{key}._target_={node._target_} cannot be imported "
+                          f"({type(err).__name__})") from err
+
+
+def check_continual_dataset(ds: DictConfig) -> tuple[tuple[int, ...], int] | None:
+    """Rules for ContinualDataModule configs; returns the input shape and the number of
+    classes when the source's loader states them (`loader.facts`, metacl.data.sources)."""
+    from metacl.data.sources import facts_of
+
+    facts = facts_of(_target(ds, "source", "dataset/source"))
+    builder = _target(ds, "scenario")
     if facts is None:
-        return None  # an unknown source is refused with the list of sources when it is built
+        return None  # a loader of the user's own, without facts: checked when it is built
     for key in ("batch_size", "eval_batch_size"):
         value = ds.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 1):
             raise ConfigError(f"dataset.{key}={value!r} is invalid; allowed: an integer >= 1")
-    if ds.get("scenario") == "class_split":
-        _class_counts(ds, facts["classes"])
+    if any(key in ds.scenario for key in ("classes_per_task", "init_cls_num", "inc_cls_num")):
+        _class_counts(ds, facts.classes)
     elif ds.get("n_tasks") is not None:
         n_tasks = ds.n_tasks
         if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
             raise ConfigError(f"dataset.n_tasks={n_tasks!r} is invalid; allowed: an integer >= 1")
     samples = ds.get("samples_per_task")
-    if samples not in (None, "all") and ds.get("scenario") != "class_split":
+    if samples not in (None, "all") and not getattr(builder, "disjoint_classes", False):
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ConfigError(f"dataset.samples_per_task={samples!r} is invalid; allowed: an "
                               "integer >= 1, or all")
-        available = facts["train"]
+        available = facts.train
         if available is not None and samples > available:
+            name = ds.source._target_.rsplit(".", 1)[-1]
             raise ConfigError(f"dataset.samples_per_task={samples} is larger than the "
-                              f"{available} training samples of source {ds.source}; allowed: "
+                              f"{available} training samples of source {name}; allowed: "
                               f"1..{available}")
-    return facts["shape"]
+    return facts.shape, facts.classes
 
 
-def _pool_sizes(ds: DictConfig) -> tuple[int, int, int] | None:
-    source = ds.get("source")
-    if source == "miniimagenet":
-        return MINIIMAGENET_SPLIT
-    split = ds.get("class_split")
-    if source in ("omniglot", "digits_fewshot") and split is not None and len(split) == 3:
-        turns = 4 if (source == "omniglot" and ds.get("rotations")) else 1
-        return tuple(int(s) * turns for s in split)
-    return None
+def _pool_sizes(ds: DictConfig, facts) -> tuple[int, ...] | None:
+    """Classes of the meta-train / val / test pools: fixed by the source, or its class_split
+    (characters x4 where each is also a class at 90/180/270 degrees)."""
+    if facts.pools is not None:
+        return facts.pools
+    split = ds.source.get("class_split")
+    if split is None or len(split) != 3:
+        return None
+    turns = 4 if (facts.split_counts_base and ds.source.get("rotations")) else 1
+    return tuple(int(s) * turns for s in split)
 
 
-def check_episodic_dataset(ds: DictConfig) -> tuple[int, ...] | None:
-    pools = _pool_sizes(ds)
+def check_episodic_dataset(ds: DictConfig) -> tuple[tuple[int, ...], bool] | None:
+    """Rules for EpisodicDataModule configs; returns the input shape and whether the episodes
+    are regression tasks, when the source states them (`facts`, metacl.data.episodic)."""
+    from metacl.data.sources import facts_of
+
+    facts = facts_of(_target(ds, "source"))
+    if facts is None:
+        return None
+    pools = _pool_sizes(ds, facts)
     if pools is not None:
+        name = facts.name
         ways = ds.get("ways") or 1
         train_ways = ds.get("train_ways") or ways
         train, val, test = pools
         if train_ways > train:
             key = "train_ways" if ds.get("train_ways") else "ways"
             raise ConfigError(f"dataset.{key}={train_ways} is more than the {train} meta-training "
-                              f"classes of {ds.source}; allowed: 1..{train}")
-        for name, size, used in (("validation", val, (ds.get("val_episodes") or 0) > 0),
-                                 ("test", test, True)):
+                              f"classes of {name}; allowed: 1..{train}")
+        for split, size, used in (("validation", val, (ds.get("val_episodes") or 0) > 0),
+                                  ("test", test, True)):
             if used and ways > size:
-                raise ConfigError(f"dataset.ways={ways} is more than the {size} {name} classes "
-                                  f"of {ds.source}; allowed: 1..{size}")
-    return EPISODIC_SHAPES.get(ds.get("source"))
+                raise ConfigError(f"dataset.ways={ways} is more than the {size} {split} classes "
+                                  f"of {name}; allowed: 1..{size}")
+    return facts.shape, facts.regression
 
 
 def check_task_ids(cfg: DictConfig, protocol: str) -> None:
-    """A method that must be told the task at test time needs a scenario that has task ids."""
+    """A method that must be told the task at test time needs a scenario that has task ids
+    (tasks of disjoint classes: the builder's `disjoint_classes`, metacl.data.scenarios)."""
     if protocol != "continual":
         return
     method_cls = get_class(cfg.method._target_)
     if not getattr(method_cls, "needs_task_ids", False):
         return
-    if cfg.dataset.get("scenario") != "class_split":
+    if not getattr(_target(cfg.dataset, "scenario"), "disjoint_classes", False):
+        scenario = cfg.dataset.scenario._target_.rsplit(".", 1)[-1]
         raise ConfigError(f"method {method_cls.__name__} needs task ids (one head per task) "
-                          f"but dataset.scenario={cfg.dataset.get('scenario')} has none; "
-                          "allowed: a class_split dataset")
+                          f"but dataset.scenario={scenario} has none; allowed: a class_split "
+                          "dataset")
 
 
 def check_network_model(cfg: DictConfig) -> None:
@@ -310,12 +343,13 @@ def validate_config(cfg: DictConfig) -> str:
     check_task_ids(cfg, protocol)
     check_network_model(cfg)
     if protocol == "continual":
-        shape = check_continual_dataset(cfg.dataset)
-        facts = CONTINUAL_SOURCES.get(cfg.dataset.get("source"), {"classes": 10})
-        check_model_input(cfg, shape, facts["classes"])
+        known = check_continual_dataset(cfg.dataset)
+        if known is not None:
+            check_model_input(cfg, *known)
     else:
-        shape = check_episodic_dataset(cfg.dataset)
-        regression = cfg.dataset.get("source") == "sinusoid"
-        check_model_input(cfg, shape, 1 if regression else int(cfg.dataset.get("ways") or 1))
+        known = check_episodic_dataset(cfg.dataset)
+        if known is not None:
+            shape, regression = known
+            check_model_input(cfg, shape, 1 if regression else int(cfg.dataset.get("ways") or 1))
     check_writable(Path(str(cfg.paths.output_dir)))
     return protocol

@@ -4,7 +4,7 @@
 ``conf/hparams_search/*.yaml`` through ``hydra.sweeper._target_``; every option is the plugin's.
 
 - **A failed trial does not end the search.** A metacl job that crashes or diverges inside a
-  multirun records its status in results.json and returns NaN (``metacl.run.main``). The plugin
+  multirun records its status in results.json and returns NaN (``metacl.runner.main.main``). The plugin
   tells Optuna that NaN as a COMPLETE value, Optuna refuses it, and the plugin's own fallback
   then passes the NaN again with state FAIL, which Optuna refuses too: the sweep died. Here a
   job that returns NaN/inf is handed to the plugin as a failed job (its exception is

@@ -1,15 +1,7 @@
 """Datasets (``sources``) and the continual-learning task sequences built from them
-(``scenarios``)."""
+(``scenarios``). Configs name both by their ``_target_`` (conf/dataset/)."""
 
-from metacl.data.scenarios import SCENARIOS, Task, build_scenario
-from metacl.data.sources import SOURCES, ImageSplit, MerTasks, load_source
+from metacl.data.scenarios import Task
+from metacl.data.sources import ImageSplit, MerTasks, SourceFacts, facts_of
 
-__all__ = [
-    "SCENARIOS",
-    "SOURCES",
-    "ImageSplit",
-    "MerTasks",
-    "Task",
-    "build_scenario",
-    "load_source",
-]
+__all__ = ["ImageSplit", "MerTasks", "SourceFacts", "Task", "facts_of"]

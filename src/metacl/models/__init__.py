@@ -1,5 +1,6 @@
-"""Backbone networks with a functional forward (fast weights, vmap, second-order grads)."""
+"""Backbone networks with a functional forward (fast weights, vmap, second-order grads).
+Configs name them by class (conf/model/*.yaml `_target_`)."""
 
-from metacl.models.backbones import BACKBONES, MLP, Backbone, PcCNN, ResNet18, build_backbone
+from metacl.models.backbones import MLP, Backbone, PcCNN, ResNet18
 
-__all__ = ["BACKBONES", "MLP", "Backbone", "PcCNN", "ResNet18", "build_backbone"]
+__all__ = ["MLP", "Backbone", "PcCNN", "ResNet18"]

@@ -27,6 +27,9 @@ Gated backbones (HAT's hard attention, ``metacl.methods.hat``) also provide::
                                                        # None for the head
 
 ``MLP`` (every hidden layer) and ``AlexNet`` (``metacl.models.alexnet``) are gated.
+
+Configs name a backbone by its class (``conf/model/*.yaml``: ``_target_``); ``alexnet.py`` and
+``conv4.py`` build on ``Backbone`` here, and nothing here imports them.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +45,7 @@ from torch import Tensor, nn
 
 from metacl.errors import ConfigError
 
-__all__ = ["BACKBONES", "MLP", "AlexNet", "Backbone", "PcCNN", "ResNet18", "build_backbone"]
+__all__ = ["MLP", "Backbone", "PcCNN", "ResNet18", "gated_backbones"]
 
 
 class Backbone(nn.Module):
@@ -378,28 +382,18 @@ class ResNet18(Backbone):
         return out.reshape(out.shape[0], -1)
 
 
-from metacl.models.alexnet import AlexNet
-from metacl.models.conv4 import Conv4
-
-BACKBONES: dict[str, type[Backbone]] = {
-    "mlp": MLP,
-    "pc_cnn": PcCNN,
-    "resnet18": ResNet18,
-    "conv4": Conv4,
-    "alexnet": AlexNet,
-}
+# The model configs: Hydra's `_target_` is the only registry of backbones.
+MODEL_CONFIGS = Path(__file__).resolve().parents[3] / "conf" / "model"
 
 
 def gated_backbones() -> list[str]:
-    """Names of the registered backbones with gated layers (HAT can use them)."""
-    return [name for name, cls in BACKBONES.items()
-            if cls.gate_param_masks is not Backbone.gate_param_masks]
+    """The model configs (conf/model/*.yaml) whose backbone has gated layers (HAT can use them)."""
+    import yaml
+    from hydra.utils import get_class
 
-
-def build_backbone(name: str, input_shape: tuple[int, ...], n_outputs: int, **hparams) -> Backbone:
-    """Instantiate a registered backbone by name (convenience for configs)."""
-    try:
-        cls = BACKBONES[name]
-    except KeyError:
-        raise KeyError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}") from None
-    return cls(input_shape, n_outputs, **hparams)
+    names = []
+    for path in sorted(MODEL_CONFIGS.glob("*.yaml")):
+        cls = get_class(yaml.safe_load(path.read_text())["_target_"])
+        if issubclass(cls, Backbone) and cls.gate_param_masks is not Backbone.gate_param_masks:
+            names.append(path.stem)
+    return names
