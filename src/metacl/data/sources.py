@@ -187,7 +187,8 @@ def _torchvision_mnist(root: Path, train: bool) -> datasets.MNIST:
                               "tensors; delete it (the raw idx files are read instead)") from None
 
 
-@with_facts(SourceFacts(classes=10, train=60000, shape=(1, 28, 28)))def load_mnist(*, data_dir: PathLike, download: bool = False) -> ImageSplit:
+@with_facts(SourceFacts(classes=10, train=60000, shape=(1, 28, 28)))
+def load_mnist(*, data_dir: PathLike, download: bool = False) -> ImageSplit:
     """Full MNIST (60,000/10,000) from ``<data_dir>/MNIST/raw/`` as uint8 (N, 1, 28, 28)."""
     root = _root(data_dir)
     raw = root / "MNIST" / "raw"
