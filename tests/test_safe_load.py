@@ -25,9 +25,10 @@ from metacl.data.sources import (
     MER_FILES,
     TINYIMAGENET_CACHE,
     load_cifar10,
+    load_cifar10_100,
     load_cifar100,
     load_mer,
-    load_source,
+    load_mnist,
     load_tinyimagenet,
 )
 from metacl.errors import ConfigError, DataNotFoundError
@@ -173,7 +174,7 @@ def test_crafted_cifar_pickle_is_refused_through_the_registry(tmp_path, payload)
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
         pickle.dump(evil, f)
     with pytest.raises(UnsafeFileError, match="data_batch_1"):
-        load_source("cifar10_100", data_dir=tmp_path, verify_md5=False)
+        load_cifar10_100(data_dir=tmp_path, verify_md5=False)
 
 
 class _Python2Pickler(pickle._Pickler):
@@ -311,5 +312,5 @@ def test_crafted_legacy_mnist_cache_is_refused(tmp_path, payload):
     torch.save((evil, torch.zeros(2, dtype=torch.long)), processed / "training.pt")
     torch.save((torch.zeros(2, 28, 28, dtype=torch.uint8), torch.zeros(2)), processed / "test.pt")
     with pytest.raises(UnsafeFileError) as info:
-        load_source("mnist", data_dir=tmp_path)
+        load_mnist(data_dir=tmp_path)
     assert str(processed / "training.pt") in _one_line(info.value)
