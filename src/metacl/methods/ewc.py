@@ -55,8 +55,8 @@ class EWC(IncrementalMethod):
         self.register_buffer("n_consolidated", torch.zeros((), dtype=torch.long))
         self._n_consolidated = 0  # host mirror: no penalty before the first consolidation
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def after_load(self) -> None:
+        super().after_load()
         self._n_consolidated = int(self.n_consolidated)
 
     def penalty(self) -> Tensor:

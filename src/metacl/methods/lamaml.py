@@ -209,7 +209,6 @@ class LaMAML(ContinualMethod):
         self.old_memory = (ReservoirBuffer(memories, task_info.input_shape)
                            if use_old_task_memory else None)
         self.optimizer = torch.optim.SGD(self.backbone.parameters(), lr=opt_wt)
-        self._task = 0  # host mirror of task_counter (no device sync in observe)
         self._flat: FlatParams | None = None  # fast path: parameter layout in flat vectors
         self._workspace_cache: dict = {}  # fast path: preallocated _Trajectory buffers
         self._ws: _Trajectory | None = None  # the workspace of the update in progress
@@ -219,13 +218,8 @@ class LaMAML(ContinualMethod):
         # Lightning wants an optimizer; the updates themselves are applied in `outer_step`.
         return self.optimizer
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._task = int(self.task_counter)
-
     def before_task(self, t: int, datamodule) -> None:
         super().before_task(t, datamodule)
-        self._task = t
         if self.old_memory is not None and t > 0:
             self.old_memory.load_state_dict(self.memory.state_dict())
 
