@@ -41,10 +41,12 @@ from metacl.methods.gem import clip_rows, flat_grad, set_flat_grad
 
 
 def agem_project(g: Tensor, g_ref: Tensor) -> Tensor:
-    """g if <g, g_ref> >= 0, else g minus its component along g_ref."""
-    dot = g @ g_ref
-    coef = dot.clamp(max=0.0) / (g_ref @ g_ref).clamp_min(1e-12)
-    return g - coef * g_ref
+    """g if <g, g_ref> >= 0, else g minus its component along g_ref (in g's precision, also
+    under bf16 autocast)."""
+    with torch.autocast(g.device.type, enabled=False):
+        dot = g @ g_ref
+        coef = dot.clamp(max=0.0) / (g_ref @ g_ref).clamp_min(1e-12)
+        return g - coef * g_ref
 
 
 class AGEM(SGDMethod):

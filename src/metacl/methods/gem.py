@@ -78,20 +78,23 @@ def gem_project(g: Tensor, G: Tensor, margin: float = 0.5, eps: float = QP_EPS) 
 
     Returns g itself when no <g, g_k> is negative; otherwise g~ = g + G^T v with v solving the
     dual QP (see the module docstring). Only the K x K Gram matrix and the K dot products go to
-    the host.
+    the host. Under autocast (trainer.precision=bf16-mixed) the products stay in the gradients'
+    precision: bf16 dot products would misjudge which constraints are violated.
     """
-    dots = G @ g
-    if not bool((dots < 0).any()):  # one host synchronisation per step, as in GEM
-        return g
-    # The Gram matrix in the gradients' precision (a (P, K) double copy of G would be as large
-    # as G again); the QP itself in double precision on the host.
-    gram = (G @ G.T).double().cpu().numpy()
+    with torch.autocast(g.device.type, enabled=False):
+        dots = G @ g
+        if not bool((dots < 0).any()):  # one host synchronisation per step, as in GEM
+            return g
+        # The Gram matrix in the gradients' precision (a (P, K) double copy of G would be as
+        # large as G again); the QP itself in double precision on the host.
+        gram = (G @ G.T).double().cpu().numpy()
     k = len(G)
     gram = 0.5 * (gram + gram.T) + eps * np.eye(k)
     # quadprog minimises 1/2 v^T P v - a^T v subject to C^T v >= b.
     a = -dots.double().cpu().numpy()
     v = quadprog.solve_qp(gram, a, np.eye(k), np.full(k, float(margin)))[0]
-    return g + torch.from_numpy(v).to(G) @ G
+    with torch.autocast(g.device.type, enabled=False):
+        return g + torch.from_numpy(v).to(G) @ G
 
 
 class GEM(SGDMethod):

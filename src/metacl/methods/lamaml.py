@@ -311,8 +311,11 @@ class LaMAML(ContinualMethod):
             if not meta_every_step:
                 raise RuntimeError("the hand-written MLP glance takes the meta-loss at every "
                                    "inner step; set hand_written_mlp = False in this subclass")
-            return self._glance_mlp(self._ws, x, y, bx, by, bt, need_w, need_alpha,
-                                    incoming_in_meta)
+            # Explicit float32 BLAS calls into preallocated buffers: autocast (bf16-mixed)
+            # does not apply to them.
+            with torch.autocast(x.device.type, enabled=False):
+                return self._glance_mlp(self._ws, x, y, bx, by, bt, need_w, need_alpha,
+                                        incoming_in_meta)
         if self._ws is not None:
             return self._glance_first_order(self._ws, x, y, bx, by, bt, need_w, need_alpha,
                                             meta_every_step)

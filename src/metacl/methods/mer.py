@@ -61,7 +61,10 @@ class MER(SGDMethod):
     def observe(self, x, y, t):
         if (isinstance(self.backbone, MLP) and self.backbone.plain
                 and type(self).loss is ContinualMethod.loss):
-            return self._observe_mlp(x, y, t)
+            # Explicit float32 BLAS calls into preallocated buffers: autocast (bf16-mixed)
+            # does not apply to them.
+            with torch.autocast(x.device.type, enabled=False):
+                return self._observe_mlp(x, y, t)
         return self._observe_autograd(x, y, t)
 
     @torch.no_grad()
