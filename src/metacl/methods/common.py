@@ -113,7 +113,16 @@ class BufferList(nn.Module):
 
 
 # ------------------------------------------------------------------------------ Fisher
+FISHER_LABELS = ("dataset", "model")
 FISHER_ESTIMATORS = ("per_sample", "batch")
+
+
+def check_fisher_options(labels: str, estimator: str) -> None:
+    """Refuse unknown `fisher_labels` / `fisher_estimator` values with one line."""
+    for key, value, allowed in (("fisher_labels", labels, FISHER_LABELS),
+                                ("fisher_estimator", estimator, FISHER_ESTIMATORS)):
+        if value not in allowed:
+            raise ConfigError(f"{key} '{value}' unknown; allowed: {', '.join(allowed)}")
 
 
 def diagonal_fisher(
@@ -134,11 +143,7 @@ def diagonal_fisher(
     weights it by the batch size, as FACIL / PyCIL / LibContinual do: about 1/batch-size times
     smaller away from a minimum of the loss, so it needs a larger lambda for the same effect.
     """
-    if labels not in ("dataset", "model"):
-        raise ConfigError(f"fisher labels '{labels}' unknown; allowed: dataset, model")
-    if estimator not in FISHER_ESTIMATORS:
-        raise ConfigError(f"fisher estimator '{estimator}' unknown; allowed: "
-                          f"{', '.join(FISHER_ESTIMATORS)}")
+    check_fisher_options(labels, estimator)
     params = [p.detach() for p in model.parameters()]
     fisher = [torch.zeros_like(p) for p in params]
 

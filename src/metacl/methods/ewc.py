@@ -22,11 +22,10 @@ import torch
 from torch import Tensor
 
 from metacl.data.datamodule import TensorBatches
-from metacl.errors import ConfigError
 from metacl.methods.common import (
-    FISHER_ESTIMATORS,
     BufferList,
     IncrementalMethod,
+    check_fisher_options,
     diagonal_fisher,
 )
 
@@ -37,11 +36,7 @@ class EWC(IncrementalMethod):
                  fisher_estimator: str = "per_sample", fisher_samples: int | None = None,
                  fisher_batch_size: int = 64, **kwargs):
         super().__init__(backbone, task_info, **kwargs)
-        if fisher_labels not in ("dataset", "model"):
-            raise ConfigError(f"fisher_labels '{fisher_labels}' unknown; allowed: dataset, model")
-        if fisher_estimator not in FISHER_ESTIMATORS:
-            raise ConfigError(f"fisher_estimator '{fisher_estimator}' unknown; allowed: "
-                              f"{', '.join(FISHER_ESTIMATORS)}")
+        check_fisher_options(fisher_labels, fisher_estimator)  # before training, not after
         self.fisher_estimator = fisher_estimator
         self.ewc_lambda = ewc_lambda
         self.online = online

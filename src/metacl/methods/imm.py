@@ -23,7 +23,13 @@ import torch
 
 from metacl.data.datamodule import TensorBatches
 from metacl.errors import ConfigError
-from metacl.methods.common import BufferList, FrozenCopy, IncrementalMethod, diagonal_fisher
+from metacl.methods.common import (
+    BufferList,
+    FrozenCopy,
+    IncrementalMethod,
+    check_fisher_options,
+    diagonal_fisher,
+)
 
 MERGES = ("mean", "mode")
 
@@ -34,6 +40,7 @@ class IMM(IncrementalMethod):
         super().__init__(backbone, task_info, **kwargs)
         if merge not in MERGES:
             raise ConfigError(f"method.merge={merge!r} is unknown; allowed: {', '.join(MERGES)}")
+        check_fisher_options("dataset", fisher_estimator)
         self.merge, self.l2_transfer = merge, l2_transfer
         self.fisher_batch_size, self.fisher_estimator = fisher_batch_size, fisher_estimator
         self.previous = FrozenCopy(self.backbone)
