@@ -50,6 +50,8 @@ def agem_project(g: Tensor, g_ref: Tensor) -> Tensor:
 
 
 class AGEM(SGDMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, task_info, lr: float = 0.03, n_memories: int = 10,
                  ref_batch_size: int = 256, grad_clip_norm: float | None = 2.0, **kwargs):
         super().__init__(backbone, task_info, lr=lr, grad_clip_norm=grad_clip_norm, **kwargs)

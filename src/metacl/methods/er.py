@@ -14,6 +14,8 @@ from metacl.methods.base import SGDMethod
 
 
 class ER(SGDMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, task_info, lr: float = 0.1, memories: int = 200,
                  replay_batch_size: int = 10, grad_clip_norm: float | None = 2.0, **kwargs):
         super().__init__(backbone, task_info, lr=lr, grad_clip_norm=grad_clip_norm, **kwargs)

@@ -31,6 +31,8 @@ from metacl.methods.common import (
 
 
 class EWC(IncrementalMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, task_info, ewc_lambda: float = 1000.0, online: bool = False,
                  gamma: float = 1.0, fisher_labels: str = "dataset",
                  fisher_estimator: str = "per_sample", fisher_samples: int | None = None,

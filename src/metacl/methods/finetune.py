@@ -10,6 +10,7 @@ from metacl.methods.base import SGDMethod
 
 class Finetune(SGDMethod):
     """For each incoming batch, `glances` SGD steps on its loss (SGDMethod's loop as is)."""
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
 
     def __init__(self, backbone, task_info, lr: float = 0.1, grad_clip_norm: float | None = 2.0,
                  **kwargs):

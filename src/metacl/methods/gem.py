@@ -98,6 +98,8 @@ def gem_project(g: Tensor, G: Tensor, margin: float = 0.5, eps: float = QP_EPS) 
 
 
 class GEM(SGDMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, task_info, lr: float = 0.03, n_memories: int = 10,
                  memory_strength: float = 0.5, grad_clip_norm: float | None = 5.0, **kwargs):
         super().__init__(backbone, task_info, lr=lr, grad_clip_norm=grad_clip_norm, **kwargs)

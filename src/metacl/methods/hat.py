@@ -65,6 +65,8 @@ def embedding_compensation(e: Tensor, s: float, smax: float, cosh_clamp: float =
 
 
 class HAT(SGDMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, task_info, lr: float = 0.05, momentum: float = 0.0,
                  weight_decay: float = 0.0, smax: float = 400.0, lamb: float = 0.75,
                  grad_clip_norm: float | None = 10000.0, embedding_clamp: float = 6.0,

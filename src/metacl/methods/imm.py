@@ -35,6 +35,8 @@ MERGES = ("mean", "mode")
 
 
 class IMM(IncrementalMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, task_info, merge: str = "mean", l2_transfer: float = 1e-4,
                  fisher_batch_size: int = 20, fisher_estimator: str = "batch", **kwargs):
         super().__init__(backbone, task_info, **kwargs)

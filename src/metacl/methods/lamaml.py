@@ -151,6 +151,7 @@ class _Trajectory:
 
 # ---------------------------------------------------------------------------------- method
 class LaMAML(ContinualMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
     # observe() takes the meta-loss at every inner step (La-ER, which does not, turns this off):
     # then an MLP learner with single-sample, unclamped first-order inner steps gets the
     # hand-written glance of lamaml_mlp.py.

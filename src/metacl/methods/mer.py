@@ -41,6 +41,8 @@ from metacl.models.mlp_grad import MLPGrad
 
 
 class MER(SGDMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, task_info, lr: float = 0.1, memories: int = 200,
                  replay_batch_size: int = 10, batches_per_example: int = 5, beta: float = 0.01,
                  gamma: float = 1.0, grad_clip_norm: float | None = 10.0, **kwargs):

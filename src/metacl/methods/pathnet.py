@@ -126,6 +126,7 @@ def matching_scale(backbone, n_modules: int, n_heads: int, n_out: int) -> float:
 
 
 class PathNet(SGDMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
     # the models it reads sizes from, checked by metacl.validate (class -> config names)
     network_models: ClassVar[dict[str, str]] = {"MLP": "mlp, mlp_hat", "AlexNet": "alexnet"}
 

@@ -138,6 +138,7 @@ class ConvColumn(nn.Module):
 
 
 class PNN(SGDMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
     # the models it reads sizes from, checked by metacl.validate (class -> config names)
     network_models: ClassVar[dict[str, str]] = {"MLP": "mlp, mlp_hat", "AlexNet": "alexnet"}
 
