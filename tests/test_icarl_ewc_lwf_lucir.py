@@ -49,7 +49,7 @@ def train_steps(method, dm, t: int, steps: int = 3) -> None:
     task = dm.tasks[t]
     x, y = dm.prepare_batch(task.x_train, True), task.y_train
     for _ in range(steps):
-        bx, by, bt = method.with_replay(x, y, torch.full_like(y, t))
+        bx, by, bt = method.glance_batch(x, y, torch.full_like(y, t))
         method.optimizer.zero_grad()
         method.objective(bx, by, bt).backward()
         method.optimizer.step()

@@ -49,6 +49,9 @@ class MetaLearner(pl.LightningModule):
     # Which datamodule protocol this method runs on (metacl.run.PROTOCOLS); continual
     # methods have none and run on the "continual" protocol.
     protocol = "episodic"
+    # Lightning precisions (trainer.precision) under which this learner's meta-updates are
+    # correct; the runner refuses the others. Add "bf16-mixed" only where a bf16 run was checked.
+    precisions: tuple[str, ...] = ("32-true",)
 
     def __init__(
         self,

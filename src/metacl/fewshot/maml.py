@@ -54,6 +54,7 @@ def inner_loop(fast: list[Tensor], rates: Sequence, loss_fn: Callable[[list[Tens
 
 
 class MAML(MetaLearner):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
     # Adapt only the final linear layer in the inner loop (ANIL sets this).
     head_only = False
 

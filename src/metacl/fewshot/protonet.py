@@ -22,6 +22,8 @@ from metacl.fewshot.base import MetaLearner
 
 
 class ProtoNet(MetaLearner):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, episode_info=None, **kwargs):
         super().__init__(backbone, episode_info, **kwargs)
         if not self.info.classification:

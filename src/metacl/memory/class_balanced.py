@@ -15,10 +15,12 @@ rows, so sampling is one random draw over a prefix.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from metacl.reload import ReloadHooks
 
 
-class ClassBalancedMemory(nn.Module):
+class ClassBalancedMemory(ReloadHooks):
     def __init__(self, capacity: int, input_shape: tuple[int, ...], dtype=torch.uint8):
         super().__init__()
         self.capacity = int(capacity)
@@ -29,12 +31,13 @@ class ClassBalancedMemory(nn.Module):
         self.register_buffer("size", torch.zeros((), dtype=torch.long))
         self._size = 0  # host mirror of `size`: the memory changes only between tasks
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def before_load(self, state_dict, prefix):
         stored = state_dict.get(prefix + "x")
         if stored is not None and stored.dtype != self.x.dtype:
             # The memory takes the dtype of the data it stores (uint8 images, float MNIST files).
             self.x = torch.zeros_like(self.x, dtype=stored.dtype)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def after_load(self):
         self._size = int(self.size)
 
     def __len__(self) -> int:

@@ -8,10 +8,12 @@ vectorised: no Python loop over samples and no host synchronisation.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from metacl.reload import ReloadHooks
 
 
-class ReservoirBuffer(nn.Module):
+class ReservoirBuffer(ReloadHooks):
     def __init__(self, capacity: int, input_shape: tuple[int, ...], dtype=torch.float32):
         super().__init__()
         self.capacity = int(capacity)
@@ -23,8 +25,7 @@ class ReservoirBuffer(nn.Module):
         self.register_buffer("age", torch.zeros((), dtype=torch.long))  # samples ever offered
         self._age = 0  # host mirror of `age`; it only depends on batch sizes, never on draws
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def after_load(self):
         self._age = int(self.age)
 
     def __len__(self) -> int:

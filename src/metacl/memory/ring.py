@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from metacl.reload import ReloadHooks
 
 
-class RingBuffer(nn.Module):
+class RingBuffer(ReloadHooks):
     def __init__(self, n_tasks: int, n_memories: int, input_shape: tuple[int, ...],
                  dtype=torch.float32):
         super().__init__()
@@ -37,8 +39,7 @@ class RingBuffer(nn.Module):
         self.register_buffer("count", torch.zeros(self.n_tasks, dtype=torch.long))
         self._count = [0] * self.n_tasks  # host mirror of `count`
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def after_load(self):
         self._count = [int(c) for c in self.count.tolist()]
 
     # ------------------------------------------------------------------ sizes

@@ -36,35 +36,29 @@ import torch
 from torch import Tensor
 
 from metacl.memory import RingBuffer
-from metacl.methods.base import ContinualMethod
+from metacl.methods.base import SGDMethod
 from metacl.methods.gem import clip_rows, flat_grad, set_flat_grad
 
 
 def agem_project(g: Tensor, g_ref: Tensor) -> Tensor:
-    """g if <g, g_ref> >= 0, else g minus its component along g_ref."""
-    dot = g @ g_ref
-    coef = dot.clamp(max=0.0) / (g_ref @ g_ref).clamp_min(1e-12)
-    return g - coef * g_ref
+    """g if <g, g_ref> >= 0, else g minus its component along g_ref (in g's precision, also
+    under bf16 autocast)."""
+    with torch.autocast(g.device.type, enabled=False):
+        dot = g @ g_ref
+        coef = dot.clamp(max=0.0) / (g_ref @ g_ref).clamp_min(1e-12)
+        return g - coef * g_ref
 
 
-class AGEM(ContinualMethod):
+class AGEM(SGDMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, task_info, lr: float = 0.03, n_memories: int = 10,
                  ref_batch_size: int = 256, grad_clip_norm: float | None = 2.0, **kwargs):
-        super().__init__(backbone, task_info, **kwargs)
-        self.lr = lr
+        super().__init__(backbone, task_info, lr=lr, grad_clip_norm=grad_clip_norm, **kwargs)
         self.n_memories = n_memories
         self.ref_batch_size = ref_batch_size
-        self.grad_clip_norm = grad_clip_norm
         self.memory = RingBuffer(task_info.n_tasks, n_memories, task_info.input_shape)
-        self.optimizer = torch.optim.SGD(self.backbone.parameters(), lr=lr)
-        self._task = 0  # host copy of task_counter (reading the buffer would sync the device)
-
-    def configure_optimizers(self):
-        return self.optimizer
-
-    def before_task(self, t, datamodule):
-        super().before_task(t, datamodule)
-        self._task = t
+        self._g_ref: Tensor | None = None  # this glance's reference gradient
 
     def reference_grad(self) -> Tensor | None:
         """Clipped gradient on a random batch of the past tasks' memories (None if empty)."""
@@ -76,19 +70,18 @@ class AGEM(ContinualMethod):
         return clip_rows(torch.cat([g.reshape(-1) for g in grads]), self.grad_clip_norm)
 
     def observe(self, x, y, t):
-        opt = self.optimizers()
-        params = list(self.backbone.parameters())
         # Tasks are streamed one at a time, so the whole batch belongs to the current task.
         self.memory.add(x, y, self._task)
-        for _ in range(self.glances):
-            g_ref = self.reference_grad()
-            opt.zero_grad()
-            loss = self.loss(self.backbone(x), y, t)
-            self.manual_backward(loss)
-            if g_ref is not None:
-                g = clip_rows(flat_grad(params), self.grad_clip_norm)
-                set_flat_grad(params, agem_project(g, g_ref))
-                opt.step()
-            else:
-                self.clip_and_step(opt, self.grad_clip_norm)
-        return loss.detach()
+        return super().observe(x, y, t)  # glances: g_ref (glance_batch), g, project, step
+
+    def glance_batch(self, x, y, t):
+        self._g_ref = self.reference_grad()  # 1. before the incoming batch's gradient
+        return x, y, t
+
+    def step(self, optimizer):
+        if self._g_ref is None:  # nothing to protect yet: a plain clipped step
+            return super().step(optimizer)
+        params = self.trained_parameters()
+        g = clip_rows(flat_grad(params), self.grad_clip_norm)
+        set_flat_grad(params, agem_project(g, self._g_ref))
+        optimizer.step()

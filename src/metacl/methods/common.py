@@ -5,10 +5,9 @@
   registered as a submodule so `state_dict()` restores it.
 - `BufferList`: a list of tensors registered as buffers (Fisher, anchors).
 - `diagonal_fisher`: the diagonal of the empirical Fisher from per-sample gradients (torch.func).
-- `IncrementalMethod`: the training loop these methods share. SGD with optional momentum,
-  weight decay and a per-task learning-rate schedule (the optimizer is created once; its state
-  is cleared when a task starts, as LibContinual builds a fresh optimizer per task); `glances`
-  steps per incoming batch; an optional class-balanced herding exemplar memory whose samples
+- `IncrementalMethod`: what these methods add to SGDMethod's loop. A per-task learning-rate
+  schedule (the optimizer's state is cleared when a task starts, as LibContinual builds a
+  fresh optimizer per task); an optional class-balanced herding exemplar memory whose samples
   join every incoming batch; nearest-mean-of-exemplars (NME) prediction from class means.
   Subclasses implement `objective(x, y, t)` and may hook `after_step`.
 """
@@ -26,7 +25,8 @@ from torch.func import grad, vmap
 
 from metacl.errors import ConfigError
 from metacl.memory import ClassBalancedMemory, herding_selection
-from metacl.methods.base import MASK_VALUE, ContinualMethod
+from metacl.methods.base import MASK_VALUE, SGDMethod
+from metacl.reload import ReloadHooks
 
 LR_SCHEDULES = ("constant", "multistep", "cosine")
 EXEMPLAR_SELECTIONS = ("herding", "random")
@@ -49,7 +49,7 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float = 2.0, mask: Tensor | Non
     return -(q * log_p).sum(dim=1).mean()
 
 
-class FrozenCopy(nn.Module):
+class FrozenCopy(ReloadHooks):
     """A frozen snapshot of `module` (e.g. the model as it was after the previous task).
 
     The copy is made once at construction, so its tensors are in `state_dict()` from the start;
@@ -65,8 +65,7 @@ class FrozenCopy(nn.Module):
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
         self._ready = False  # host mirror of `ready`
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def after_load(self) -> None:
         self._ready = bool(self.ready)
 
     @property
@@ -114,7 +113,16 @@ class BufferList(nn.Module):
 
 
 # ------------------------------------------------------------------------------ Fisher
+FISHER_LABELS = ("dataset", "model")
 FISHER_ESTIMATORS = ("per_sample", "batch")
+
+
+def check_fisher_options(labels: str, estimator: str) -> None:
+    """Refuse unknown `fisher_labels` / `fisher_estimator` values with one line."""
+    for key, value, allowed in (("fisher_labels", labels, FISHER_LABELS),
+                                ("fisher_estimator", estimator, FISHER_ESTIMATORS)):
+        if value not in allowed:
+            raise ConfigError(f"{key} '{value}' unknown; allowed: {', '.join(allowed)}")
 
 
 def diagonal_fisher(
@@ -135,11 +143,7 @@ def diagonal_fisher(
     weights it by the batch size, as FACIL / PyCIL / LibContinual do: about 1/batch-size times
     smaller away from a minimum of the loss, so it needs a larger lambda for the same effect.
     """
-    if labels not in ("dataset", "model"):
-        raise ConfigError(f"fisher labels '{labels}' unknown; allowed: dataset, model")
-    if estimator not in FISHER_ESTIMATORS:
-        raise ConfigError(f"fisher estimator '{estimator}' unknown; allowed: "
-                          f"{', '.join(FISHER_ESTIMATORS)}")
+    check_fisher_options(labels, estimator)
     params = [p.detach() for p in model.parameters()]
     fisher = [torch.zeros_like(p) for p in params]
 
@@ -199,7 +203,7 @@ def _default_prepare(x: Tensor, train: bool) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ base method
-class IncrementalMethod(ContinualMethod):
+class IncrementalMethod(SGDMethod):
     def __init__(
         self,
         backbone,
@@ -218,7 +222,8 @@ class IncrementalMethod(ContinualMethod):
         exemplar_selection: str = "herding",
         **kwargs,
     ):
-        super().__init__(backbone, task_info, **kwargs)
+        super().__init__(backbone, task_info, lr=lr, momentum=momentum,
+                         weight_decay=weight_decay, grad_clip_norm=grad_clip_norm, **kwargs)
         if lr_schedule not in LR_SCHEDULES:
             raise ConfigError(
                 f"lr_schedule '{lr_schedule}' unknown; allowed: {', '.join(LR_SCHEDULES)}"
@@ -228,15 +233,11 @@ class IncrementalMethod(ContinualMethod):
         if exemplar_selection not in EXEMPLAR_SELECTIONS:
             raise ConfigError(f"exemplar_selection '{exemplar_selection}' unknown; allowed: "
                               f"{', '.join(EXEMPLAR_SELECTIONS)}")
-        self.lr = lr
         self.lr_schedule, self.lr_milestones = lr_schedule, tuple(lr_milestones or ())
         self.lr_gamma, self.lr_t_max = lr_gamma, lr_t_max
         self.reset_optimizer = reset_optimizer
-        self.grad_clip_norm = grad_clip_norm
         self.replay_batch_size = replay_batch_size
         self.exemplar_selection = exemplar_selection
-        self.optimizer = torch.optim.SGD(self.backbone.parameters(), lr=lr, momentum=momentum,
-                                         weight_decay=weight_decay)
 
         n_out = task_info.n_outputs
         self.memory = (ClassBalancedMemory(memory_size, task_info.input_shape)
@@ -249,12 +250,8 @@ class IncrementalMethod(ContinualMethod):
         self.register_buffer("previous_classes", torch.zeros(n_out, dtype=torch.bool),
                              persistent=False)
         self.register_buffer("seen_classes", task_info.class_mask()[0], persistent=False)
-        self._task = 0
         self._replay_n = 0
         self._prepare: Callable[[Tensor, bool], Tensor] = _default_prepare
-
-    def configure_optimizers(self):
-        return self.optimizer
 
     # -------------------------------------------------------------------------- task hooks
     def set_task_classes(self, t: int) -> None:
@@ -262,7 +259,6 @@ class IncrementalMethod(ContinualMethod):
         self.current_classes.copy_(mask[t])
         self.previous_classes.copy_(mask[:t].any(0) if t else torch.zeros_like(mask[0]))
         self.seen_classes.copy_(mask[: t + 1].any(0))
-        self._task = t
 
     def before_task(self, t: int, datamodule) -> None:
         super().before_task(t, datamodule)
@@ -297,33 +293,13 @@ class IncrementalMethod(ContinualMethod):
         self.set_epoch_lr(self.trainer.current_epoch)
 
     # -------------------------------------------------------------------------- training
-    def objective(self, x: Tensor, y: Tensor, t: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def after_step(self) -> None:
-        """Called after every optimizer step (e.g. to restore frozen weights)."""
-
-    def with_replay(self, x: Tensor, y: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The incoming batch joined by `_replay_n` exemplars (prepared with augmentation)."""
+    def glance_batch(self, x: Tensor, y: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The incoming batch joined by `_replay_n` exemplars (prepared with augmentation);
+        a fresh exemplar draw for every glance."""
         if self._replay_n == 0:
             return x, y, t
         mx, my, mt = self.memory.sample(self._replay_n)
         return (torch.cat([x, self._prepare(mx, True)]), torch.cat([y, my]), torch.cat([t, mt]))
-
-    def observe(self, x, y, t):
-        opt = self.optimizers()
-        for _ in range(self.glances):
-            bx, by, bt = self.with_replay(x, y, t)  # a fresh exemplar draw for every glance
-            opt.zero_grad()
-            loss = self.objective(bx, by, bt)
-            self.manual_backward(loss)
-            if self.grad_clip_norm:
-                nn.utils.clip_grad_norm_(
-                    [p for g in self.optimizer.param_groups for p in g["params"]],
-                    self.grad_clip_norm)
-            opt.step()
-            self.after_step()
-        return loss.detach()
 
     # -------------------------------------------------------------------------- exemplars
     @torch.no_grad()
@@ -367,12 +343,6 @@ class IncrementalMethod(ContinualMethod):
         self.class_means_valid.copy_(counts > 0)
 
     # -------------------------------------------------------------------------- prediction
-    def restrict(self, logits: Tensor, t: int, allowed: Tensor | None) -> Tensor:
-        """Mask logits as the base predict does: task-aware (allowed None) or to `allowed`."""
-        if allowed is None:
-            return self.mask_logits(logits, t)
-        return logits.masked_fill(~allowed, MASK_VALUE)
-
     def head_logits(self, feats: Tensor) -> Tensor:
         """The method's classifier on backbone features (the backbone's linear head here)."""
         return self.backbone.head(feats)

@@ -10,30 +10,23 @@ from __future__ import annotations
 import torch
 
 from metacl.memory import ReservoirBuffer
-from metacl.methods.base import ContinualMethod
+from metacl.methods.base import SGDMethod
 
 
-class ER(ContinualMethod):
+class ER(SGDMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, task_info, lr: float = 0.1, memories: int = 200,
                  replay_batch_size: int = 10, grad_clip_norm: float | None = 2.0, **kwargs):
-        super().__init__(backbone, task_info, **kwargs)
-        self.lr = lr
+        super().__init__(backbone, task_info, lr=lr, grad_clip_norm=grad_clip_norm, **kwargs)
         self.replay_batch_size = replay_batch_size
-        self.grad_clip_norm = grad_clip_norm
         self.memory = ReservoirBuffer(memories, task_info.input_shape)
-        self.optimizer = torch.optim.SGD(self.backbone.parameters(), lr=lr)
 
-    def configure_optimizers(self):
-        return self.optimizer
+    def glance_batch(self, x, y, t):
+        mx, my, mt = self.memory.sample(self.replay_batch_size)
+        return torch.cat([x, mx]), torch.cat([y, my]), torch.cat([t, mt])
 
     def observe(self, x, y, t):
-        opt = self.optimizers()
-        for _ in range(self.glances):
-            mx, my, mt = self.memory.sample(self.replay_batch_size)
-            bx, by, bt = torch.cat([x, mx]), torch.cat([y, my]), torch.cat([t, mt])
-            opt.zero_grad()
-            loss = self.loss(self.backbone(bx), by, bt)
-            self.manual_backward(loss)
-            self.clip_and_step(opt, self.grad_clip_norm)
+        loss = super().observe(x, y, t)  # glances on incoming + replayed samples
         self.memory.add(x, y, t)
-        return loss.detach()
+        return loss

@@ -22,26 +22,23 @@ import torch
 from torch import Tensor
 
 from metacl.data.datamodule import TensorBatches
-from metacl.errors import ConfigError
 from metacl.methods.common import (
-    FISHER_ESTIMATORS,
     BufferList,
     IncrementalMethod,
+    check_fisher_options,
     diagonal_fisher,
 )
 
 
 class EWC(IncrementalMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, task_info, ewc_lambda: float = 1000.0, online: bool = False,
                  gamma: float = 1.0, fisher_labels: str = "dataset",
                  fisher_estimator: str = "per_sample", fisher_samples: int | None = None,
                  fisher_batch_size: int = 64, **kwargs):
         super().__init__(backbone, task_info, **kwargs)
-        if fisher_labels not in ("dataset", "model"):
-            raise ConfigError(f"fisher_labels '{fisher_labels}' unknown; allowed: dataset, model")
-        if fisher_estimator not in FISHER_ESTIMATORS:
-            raise ConfigError(f"fisher_estimator '{fisher_estimator}' unknown; allowed: "
-                              f"{', '.join(FISHER_ESTIMATORS)}")
+        check_fisher_options(fisher_labels, fisher_estimator)  # before training, not after
         self.fisher_estimator = fisher_estimator
         self.ewc_lambda = ewc_lambda
         self.online = online
@@ -55,8 +52,8 @@ class EWC(IncrementalMethod):
         self.register_buffer("n_consolidated", torch.zeros((), dtype=torch.long))
         self._n_consolidated = 0  # host mirror: no penalty before the first consolidation
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def after_load(self) -> None:
+        super().after_load()
         self._n_consolidated = int(self.n_consolidated)
 
     def penalty(self) -> Tensor:

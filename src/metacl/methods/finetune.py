@@ -5,29 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from metacl.methods.base import ContinualMethod
+from metacl.methods.base import SGDMethod
 
 
-class Finetune(ContinualMethod):
+class Finetune(SGDMethod):
+    """For each incoming batch, `glances` SGD steps on its loss (SGDMethod's loop as is)."""
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, task_info, lr: float = 0.1, grad_clip_norm: float | None = 2.0,
                  **kwargs):
-        super().__init__(backbone, task_info, **kwargs)
-        self.lr = lr
-        self.grad_clip_norm = grad_clip_norm
-        # Created once so optimizer state (if any) survives the fresh Trainer of every task.
-        self.optimizer = torch.optim.SGD(self.backbone.parameters(), lr=lr)
-
-    def configure_optimizers(self):
-        return self.optimizer
-
-    def observe(self, x, y, t):
-        opt = self.optimizers()
-        for _ in range(self.glances):
-            opt.zero_grad()
-            loss = self.loss(self.backbone(x), y, t)
-            self.manual_backward(loss)
-            self.clip_and_step(opt, self.grad_clip_norm)
-        return loss.detach()
+        super().__init__(backbone, task_info, lr=lr, grad_clip_norm=grad_clip_norm, **kwargs)
 
 
 class Joint(Finetune):
@@ -46,8 +33,8 @@ class FrozenFeatures(Finetune):
         self.freeze_after = freeze_after
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def after_load(self) -> None:
+        super().after_load()
         self._apply_freeze()
 
     def _apply_freeze(self) -> None:

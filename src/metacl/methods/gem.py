@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metacl.memory import RingBuffer
-from metacl.methods.base import ContinualMethod
+from metacl.methods.base import SGDMethod
 
 QP_EPS = 1e-3  # added to the diagonal of G G^T so the QP is strictly convex (as GEM's code)
 
@@ -78,42 +78,38 @@ def gem_project(g: Tensor, G: Tensor, margin: float = 0.5, eps: float = QP_EPS) 
 
     Returns g itself when no <g, g_k> is negative; otherwise g~ = g + G^T v with v solving the
     dual QP (see the module docstring). Only the K x K Gram matrix and the K dot products go to
-    the host.
+    the host. Under autocast (trainer.precision=bf16-mixed) the products stay in the gradients'
+    precision: bf16 dot products would misjudge which constraints are violated.
     """
-    dots = G @ g
-    if not bool((dots < 0).any()):  # one host synchronisation per step, as in GEM
-        return g
-    # The Gram matrix in the gradients' precision (a (P, K) double copy of G would be as large
-    # as G again); the QP itself in double precision on the host.
-    gram = (G @ G.T).double().cpu().numpy()
+    with torch.autocast(g.device.type, enabled=False):
+        dots = G @ g
+        if not bool((dots < 0).any()):  # one host synchronisation per step, as in GEM
+            return g
+        # The Gram matrix in the gradients' precision (a (P, K) double copy of G would be as
+        # large as G again); the QP itself in double precision on the host.
+        gram = (G @ G.T).double().cpu().numpy()
     k = len(G)
     gram = 0.5 * (gram + gram.T) + eps * np.eye(k)
     # quadprog minimises 1/2 v^T P v - a^T v subject to C^T v >= b.
     a = -dots.double().cpu().numpy()
     v = quadprog.solve_qp(gram, a, np.eye(k), np.full(k, float(margin)))[0]
-    return g + torch.from_numpy(v).to(G) @ G
+    with torch.autocast(g.device.type, enabled=False):
+        return g + torch.from_numpy(v).to(G) @ G
 
 
-class GEM(ContinualMethod):
+class GEM(SGDMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, task_info, lr: float = 0.03, n_memories: int = 10,
                  memory_strength: float = 0.5, grad_clip_norm: float | None = 5.0, **kwargs):
-        super().__init__(backbone, task_info, **kwargs)
-        self.lr = lr
+        super().__init__(backbone, task_info, lr=lr, grad_clip_norm=grad_clip_norm, **kwargs)
         self.n_memories = n_memories
         self.memory_strength = memory_strength
-        self.grad_clip_norm = grad_clip_norm
         self.memory = RingBuffer(task_info.n_tasks, n_memories, task_info.input_shape)
-        self.optimizer = torch.optim.SGD(self.backbone.parameters(), lr=lr)
         # vmap cannot write batch-norm running statistics: loop over past tasks then.
         self.vectorise = next(self.backbone.buffers(), None) is None
-        self._task = 0  # host copy of task_counter (reading the buffer would sync the device)
-
-    def configure_optimizers(self):
-        return self.optimizer
-
-    def before_task(self, t, datamodule):
-        super().before_task(t, datamodule)
-        self._task = t
+        self._past: list[int] = []  # past tasks with memories, for this incoming batch
+        self._G: Tensor | None = None  # this glance's past-task gradients
 
     # ------------------------------------------------------------------ past-task gradients
     def _memory_loss(self, params, x, y, t, valid):
@@ -146,20 +142,19 @@ class GEM(ContinualMethod):
 
     # ------------------------------------------------------------------ update
     def observe(self, x, y, t):
-        opt = self.optimizers()
-        params = list(self.backbone.parameters())
         # GEM streams one task at a time, so the whole batch belongs to the current task.
         self.memory.add(x, y, self._task)
-        past = self.memory.stored_tasks(below=self._task)
-        for _ in range(self.glances):
-            G = self.memory_grads(past) if past else None
-            opt.zero_grad()
-            loss = self.loss(self.backbone(x), y, t)
-            self.manual_backward(loss)
-            if G is not None:
-                g = clip_rows(flat_grad(params), self.grad_clip_norm)
-                set_flat_grad(params, gem_project(g, G, self.memory_strength))
-                opt.step()
-            else:
-                self.clip_and_step(opt, self.grad_clip_norm)
-        return loss.detach()
+        self._past = self.memory.stored_tasks(below=self._task)
+        return super().observe(x, y, t)  # glances: G (glance_batch), g, project, step
+
+    def glance_batch(self, x, y, t):
+        self._G = self.memory_grads(self._past) if self._past else None  # 1.
+        return x, y, t
+
+    def step(self, optimizer):
+        if self._G is None:  # nothing to protect yet: a plain clipped step
+            return super().step(optimizer)
+        params = self.trained_parameters()
+        g = clip_rows(flat_grad(params), self.grad_clip_norm)
+        set_flat_grad(params, gem_project(g, self._G, self.memory_strength))
+        optimizer.step()

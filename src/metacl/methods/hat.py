@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metacl.errors import ConfigError
-from metacl.methods.base import MASK_VALUE, ContinualMethod
+from metacl.methods.base import SGDMethod
 from metacl.methods.common import BufferList
 from metacl.models.backbones import gated_backbones
 
@@ -64,19 +64,21 @@ def embedding_compensation(e: Tensor, s: float, smax: float, cosh_clamp: float =
     return smax / s * num / (torch.cosh(e) + 1)
 
 
-class HAT(ContinualMethod):
+class HAT(SGDMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, task_info, lr: float = 0.05, momentum: float = 0.0,
                  weight_decay: float = 0.0, smax: float = 400.0, lamb: float = 0.75,
                  grad_clip_norm: float | None = 10000.0, embedding_clamp: float = 6.0,
                  cosh_clamp: float = 50.0, usage_threshold: float = 0.5, **kwargs):
-        super().__init__(backbone, task_info, **kwargs)
+        super().__init__(backbone, task_info, lr=lr, momentum=momentum,
+                         weight_decay=weight_decay, grad_clip_norm=grad_clip_norm, **kwargs)
         if not getattr(backbone, "gate_sizes", ()):
             raise ConfigError(f"method=hat needs a gated model, not {type(backbone).__name__}; "
                               f"allowed: model={', '.join(gated_backbones())}")
         if smax < 1:
             raise ConfigError(f"method.smax={smax} is invalid; it must be >= 1")
         self.smax, self.lamb = float(smax), float(lamb)
-        self.grad_clip_norm = grad_clip_norm
         self.embedding_clamp, self.cosh_clamp = embedding_clamp, cosh_clamp
         self.usage_threshold = usage_threshold
         n_tasks, n_out, dim = task_info.n_tasks, task_info.n_outputs, backbone.feature_dim
@@ -92,19 +94,14 @@ class HAT(ContinualMethod):
         self._n_masked = 0  # host mirror of n_masked
         # The backbone's own head is unused (each task has its own), so it is not optimised.
         self.feature_params = list(backbone.parameters())[:-2]
-        self.optimizer = torch.optim.SGD(
-            [*self.feature_params, *self.embeddings, self.head_weight, self.head_bias],
-            lr=lr, momentum=momentum, weight_decay=weight_decay)
-        self._task = 0
+        self.set_trained_parameters(
+            [*self.feature_params, *self.embeddings, self.head_weight, self.head_bias])
         self._progress = 0.0
         self._update_masks: list[tuple[Tensor, Tensor]] = []
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def after_load(self) -> None:
+        super().after_load()
         self._n_masked = int(self.n_masked)
-
-    def configure_optimizers(self):
-        return self.optimizer
 
     # ------------------------------------------------------------------ gates and heads
     def gates(self, t: int, s: float) -> list[Tensor]:
@@ -134,9 +131,7 @@ class HAT(ContinualMethod):
         gates = self.gates(t, self.smax)
         logits = F.linear(self.backbone.features(x, gates=gates), self.head_weight[t],
                           self.head_bias[t])
-        if allowed is None:
-            return self.mask_logits(logits, t).argmax(dim=1)
-        return logits.masked_fill(~allowed, MASK_VALUE).argmax(dim=1)
+        return self.restrict(logits, t, allowed).argmax(dim=1)
 
     # ------------------------------------------------------------------ training
     def update_masks(self, t: int) -> list[tuple[Tensor, Tensor]]:
@@ -154,7 +149,6 @@ class HAT(ContinualMethod):
 
     def before_task(self, t: int, datamodule) -> None:
         super().before_task(t, datamodule)
-        self._task = t
         self.optimizer.state.clear()  # the reference builds a fresh optimizer per task
         self._update_masks = self.update_masks(t)
 
@@ -167,28 +161,21 @@ class HAT(ContinualMethod):
         self._progress = (offset + batch_idx) / n_batches
         return super().training_step(batch, batch_idx)
 
-    def observe(self, x, y, t):
-        task, s = self._task, anneal_s(self._progress, self.smax)
-        opt = self.optimizers()
-        for _ in range(self.glances):
-            opt.zero_grad()
-            logits, gates = self.task_logits(x, task, s)
-            loss = F.cross_entropy(logits, y) + self.lamb * self.regulariser(gates)
-            self.manual_backward(loss)
-            self.step(opt, s)
-        return loss.detach()
+    def objective(self, x, y, t):
+        """Task t's cross-entropy under its gates at the annealed s, plus the regulariser."""
+        logits, gates = self.task_logits(x, self._task, anneal_s(self._progress, self.smax))
+        return F.cross_entropy(logits, y) + self.lamb * self.regulariser(gates)
 
-    def step(self, opt, s: float) -> None:
+    def step(self, optimizer) -> None:
         """Compensate the embedding gradients, clip, step, mask the update, clamp."""
+        s = anneal_s(self._progress, self.smax)
         with torch.no_grad():
             for e in self.embeddings:
                 if e.grad is not None:
                     e.grad.mul_(embedding_compensation(e, s, self.smax, self.cosh_clamp))
-            if self.grad_clip_norm:
-                nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"],
-                                         self.grad_clip_norm)
+            self.clip_gradients_()
             before = [p.detach().clone() for p, _ in self._update_masks]
-        opt.step()
+        optimizer.step()
         with torch.no_grad():
             for (p, factor), old in zip(self._update_masks, before):
                 p.copy_(torch.lerp(old, p, factor))  # old + factor * (new - old)

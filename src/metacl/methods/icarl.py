@@ -30,6 +30,7 @@ from metacl.methods.common import FrozenCopy, IncrementalMethod
 
 
 class ICaRL(IncrementalMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
     eval_variants = ("head",)
 
     def __init__(self, backbone, task_info, memory_size: int = 2000, distill_weight: float = 1.0,

@@ -23,17 +23,26 @@ import torch
 
 from metacl.data.datamodule import TensorBatches
 from metacl.errors import ConfigError
-from metacl.methods.common import BufferList, FrozenCopy, IncrementalMethod, diagonal_fisher
+from metacl.methods.common import (
+    BufferList,
+    FrozenCopy,
+    IncrementalMethod,
+    check_fisher_options,
+    diagonal_fisher,
+)
 
 MERGES = ("mean", "mode")
 
 
 class IMM(IncrementalMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, task_info, merge: str = "mean", l2_transfer: float = 1e-4,
                  fisher_batch_size: int = 20, fisher_estimator: str = "batch", **kwargs):
         super().__init__(backbone, task_info, **kwargs)
         if merge not in MERGES:
             raise ConfigError(f"method.merge={merge!r} is unknown; allowed: {', '.join(MERGES)}")
+        check_fisher_options("dataset", fisher_estimator)
         self.merge, self.l2_transfer = merge, l2_transfer
         self.fisher_batch_size, self.fisher_estimator = fisher_batch_size, fisher_estimator
         self.previous = FrozenCopy(self.backbone)

@@ -30,6 +30,7 @@ from metacl.methods.lamaml import LaMAML
 
 
 class LaER(LaMAML):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
     hand_written_mlp = False  # its glance takes the meta-loss after the last inner step only
 
     def __init__(

@@ -151,6 +151,7 @@ class _Trajectory:
 
 # ---------------------------------------------------------------------------------- method
 class LaMAML(ContinualMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
     # observe() takes the meta-loss at every inner step (La-ER, which does not, turns this off):
     # then an MLP learner with single-sample, unclamped first-order inner steps gets the
     # hand-written glance of lamaml_mlp.py.
@@ -209,7 +210,6 @@ class LaMAML(ContinualMethod):
         self.old_memory = (ReservoirBuffer(memories, task_info.input_shape)
                            if use_old_task_memory else None)
         self.optimizer = torch.optim.SGD(self.backbone.parameters(), lr=opt_wt)
-        self._task = 0  # host mirror of task_counter (no device sync in observe)
         self._flat: FlatParams | None = None  # fast path: parameter layout in flat vectors
         self._workspace_cache: dict = {}  # fast path: preallocated _Trajectory buffers
         self._ws: _Trajectory | None = None  # the workspace of the update in progress
@@ -219,13 +219,8 @@ class LaMAML(ContinualMethod):
         # Lightning wants an optimizer; the updates themselves are applied in `outer_step`.
         return self.optimizer
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._task = int(self.task_counter)
-
     def before_task(self, t: int, datamodule) -> None:
         super().before_task(t, datamodule)
-        self._task = t
         if self.old_memory is not None and t > 0:
             self.old_memory.load_state_dict(self.memory.state_dict())
 
@@ -317,8 +312,11 @@ class LaMAML(ContinualMethod):
             if not meta_every_step:
                 raise RuntimeError("the hand-written MLP glance takes the meta-loss at every "
                                    "inner step; set hand_written_mlp = False in this subclass")
-            return self._glance_mlp(self._ws, x, y, bx, by, bt, need_w, need_alpha,
-                                    incoming_in_meta)
+            # Explicit float32 BLAS calls into preallocated buffers: autocast (bf16-mixed)
+            # does not apply to them.
+            with torch.autocast(x.device.type, enabled=False):
+                return self._glance_mlp(self._ws, x, y, bx, by, bt, need_w, need_alpha,
+                                        incoming_in_meta)
         if self._ws is not None:
             return self._glance_first_order(self._ws, x, y, bx, by, bt, need_w, need_alpha,
                                             meta_every_step)

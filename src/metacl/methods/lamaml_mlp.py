@@ -133,12 +133,21 @@ class MLPGlance:
         mask_inner (C,) / mask_meta (M, C): additive logit masks (0 or MASK_VALUE) or None.
         Writes gw and/or ga; returns the meta-loss (a 0-dim tensor).
         """
-        k, m = self.k, bx.shape[0]
-        b1, lrb1 = self.w_views[1], self.lr_views[1]
         if relu_lr:
             torch.clamp_min(self.a, 0.0, out=self.lr)
         else:
             self.lr.copy_(self.a)
+        X, XW, B, T, T_in, cols = self._first_layer(x, bx, incoming_in_meta)
+        self._inner_loop(y, T_in, mask_inner)
+        return self._meta_gradients(X, XW, B, T, cols, by, mask_meta, need_w, need_alpha,
+                                    relu_lr)
+
+    def _first_layer(self, x: Tensor, bx: Tensor, incoming_in_meta: bool):
+        """Meta-batch rows X, their pre-activations XW at w, the products B and corrections T
+        (below), T on the incoming rows, and the input columns kept (None: all). Writes the
+        incoming rows' pre-activations into Zin."""
+        k, m = self.k, bx.shape[0]
+        b1, lrb1 = self.w_views[1], self.lr_views[1]
         xin = x.reshape(k, -1)
         if incoming_in_meta:  # La-MAML's meta-batch ends with the incoming samples
             X, first = bx.reshape(m, -1), m - k
@@ -165,8 +174,12 @@ class MLPGlance:
         self.Zin.copy_(XW[first:first + k])
         if not incoming_in_meta:
             X, B, T, XW = X[:m], B[:, :m], T[:, :m], XW[:m]
+        return X, XW, B, T, T_in, cols
 
-        # ----- inner loop: K single-sample SGD steps from w (first order: no graph)
+    def _inner_loop(self, y: Tensor, T_in: tuple[Tensor, ...], mask_inner: Tensor | None):
+        """K single-sample SGD steps from w (first order: no graph): writes the fast weights
+        Wr, inner gradients Gr and first-layer errors E."""
+        k = self.k
         self.Wr[0].copy_(self.w[self.p1:])
         self.onehot.zero_().scatter_(1, y.view(k, 1), 1.0)
         n = self.n_rest
@@ -189,9 +202,11 @@ class MLPGlance:
                           out=self.Wr_flat[i + 1])
             if i + 1 < k:  # the later incoming rows see this step's first-layer change
                 self.Zin.addcmul_(T_in[i], self.E_rows[i], value=-1.0)
-        E = self.E
 
-        # ----- meta-loss at the K fast weight sets, forward and backward at once
+    def _meta_gradients(self, X, XW, B, T, cols, by, mask_meta, need_w, need_alpha, relu_lr):
+        """The meta-loss at the K fast weight sets, forward and backward at once; writes gw
+        and/or ga (derivation in the module docstring)."""
+        k, m, n, E = self.k, X.shape[0], self.n_rest, self.E
         C = torch.mm(self.prefix, (E.unsqueeze(1) * T).view(k, -1)).view(k, m, -1)
         # C[k] = sum_{j<=k} e_j * T[j]: (K, M, H)
         hs = [torch.sub(XW, C).relu_()]  # (K, M, H)

@@ -56,6 +56,7 @@ class CosineLinear(nn.Module):
 
 
 class LUCIR(IncrementalMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
     eval_variants = ("nme",)
 
     def __init__(self, backbone, task_info, memory_size: int = 2000, lambda_base: float = 5.0,

@@ -19,6 +19,8 @@ from metacl.methods.common import FrozenCopy, IncrementalMethod, kd_loss
 
 
 class LwF(IncrementalMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, task_info, T: float = 2.0, alpha: float = 1.0, **kwargs):
         super().__init__(backbone, task_info, **kwargs)
         self.T = T

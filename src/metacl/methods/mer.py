@@ -35,27 +35,23 @@ import torch
 import torch.nn.functional as F
 
 from metacl.memory import ReservoirBuffer
-from metacl.methods.base import ContinualMethod
+from metacl.methods.base import ContinualMethod, SGDMethod
 from metacl.models.backbones import MLP
 from metacl.models.mlp_grad import MLPGrad
 
 
-class MER(ContinualMethod):
+class MER(SGDMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(self, backbone, task_info, lr: float = 0.1, memories: int = 200,
                  replay_batch_size: int = 10, batches_per_example: int = 5, beta: float = 0.01,
                  gamma: float = 1.0, grad_clip_norm: float | None = 10.0, **kwargs):
-        super().__init__(backbone, task_info, **kwargs)
-        self.lr = lr
+        super().__init__(backbone, task_info, lr=lr, grad_clip_norm=grad_clip_norm, **kwargs)
         self.replay_batch_size = int(replay_batch_size)
         self.batches_per_example = int(batches_per_example)
         self.beta = beta
         self.gamma = gamma
-        self.grad_clip_norm = grad_clip_norm
         self.memory = ReservoirBuffer(memories, task_info.input_shape)
-        self.optimizer = torch.optim.SGD(self.backbone.parameters(), lr=lr)
-
-    def configure_optimizers(self):
-        return self.optimizer
 
     @staticmethod
     @torch.no_grad()
@@ -67,7 +63,10 @@ class MER(ContinualMethod):
     def observe(self, x, y, t):
         if (isinstance(self.backbone, MLP) and self.backbone.plain
                 and type(self).loss is ContinualMethod.loss):
-            return self._observe_mlp(x, y, t)
+            # Explicit float32 BLAS calls into preallocated buffers: autocast (bf16-mixed)
+            # does not apply to them.
+            with torch.autocast(x.device.type, enabled=False):
+                return self._observe_mlp(x, y, t)
         return self._observe_autograd(x, y, t)
 
     @torch.no_grad()
@@ -125,7 +124,7 @@ class MER(ContinualMethod):
                     opt.zero_grad()
                     loss = self.loss(self.backbone(bx[j:j + 1]), by[j:j + 1], bt[j:j + 1])
                     self.manual_backward(loss)
-                    self.clip_and_step(opt, self.grad_clip_norm)
+                    self.step(opt)  # clipped SGD step with step size lr
                     total += loss.detach()
                     n_steps += 1
                 self.reptile(params, theta_a, self.beta)

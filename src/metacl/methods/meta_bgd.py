@@ -54,6 +54,8 @@ def bgd_update_(means: list[Tensor], stds: list[Tensor], e_grad: list[Tensor],
 
 
 class MetaBGD(LaMAML):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+
     def __init__(
         self,
         backbone: nn.Module,

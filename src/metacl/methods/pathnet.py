@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metacl.errors import ConfigError
-from metacl.methods.base import MASK_VALUE, ContinualMethod
+from metacl.methods.base import SGDMethod
 from metacl.models.alexnet import AlexNet
 from metacl.models.backbones import MLP
 
@@ -125,7 +125,8 @@ def matching_scale(backbone, n_modules: int, n_heads: int, n_out: int) -> float:
     return max(math.floor(lo * 1000) / 1000, 1e-3)
 
 
-class PathNet(ContinualMethod):
+class PathNet(SGDMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
     # the models it reads sizes from, checked by metacl.validate (class -> config names)
     network_models: ClassVar[dict[str, str]] = {"MLP": "mlp, mlp_hat", "AlexNet": "alexnet"}
 
@@ -134,7 +135,7 @@ class PathNet(ContinualMethod):
                  turn_batches: int | None = None, mutation_prob: float | None = None,
                  mutation_range: int = 2, module_scale: float | None = None,
                  grad_clip_norm: float | None = 1000.0, **kwargs):
-        super().__init__(backbone, task_info, **kwargs)
+        super().__init__(backbone, task_info, lr=lr, grad_clip_norm=grad_clip_norm, **kwargs)
         if not isinstance(backbone, MLP | AlexNet):
             raise ConfigError(f"method=pathnet builds its modules from model=mlp, mlp_hat or "
                               f"alexnet, not {type(backbone).__name__}")
@@ -153,7 +154,7 @@ class PathNet(ContinualMethod):
         self.head_bias = nn.Parameter(torch.stack([h.bias.detach() for h in head]))
         L, M, N, P = len(plan), n_modules, modules_per_path, population
         self.M, self.N, self.P = M, N, P
-        self.lr, self.generations, self.grad_clip_norm = lr, generations, grad_clip_norm
+        self.generations = generations
         self.fixed_turn = turn_batches
         self.mutation_prob = 1 / (N * L) if mutation_prob is None else float(mutation_prob)
         self.mutation_range = int(mutation_range)
@@ -168,7 +169,7 @@ class PathNet(ContinualMethod):
         for i, p in enumerate(self.evolved()):
             self.snapshot.register_buffer(f"p{i}", p.detach().clone())
         self._val: tuple[Tensor, Tensor] | None = None
-        self.optimizer = torch.optim.SGD(self.evolved(), lr=lr)
+        self.set_trained_parameters(self.evolved())
 
     # ----------------------------------------------------------------- paths
     def evolved(self) -> list[nn.Parameter]:
@@ -252,9 +253,6 @@ class PathNet(ContinualMethod):
         self.generation += 1
 
     # ----------------------------------------------------------------- lifecycle
-    def configure_optimizers(self):
-        return self.optimizer
-
     def before_task(self, t: int, datamodule) -> None:
         super().before_task(t, datamodule)
         if t > 0:  # modules in no earlier task's path start afresh (paper and reference)
@@ -289,24 +287,20 @@ class PathNet(ContinualMethod):
     def task_metrics(self) -> dict[str, float]:
         return {"pathnet/frozen_modules": float(self.frozen.float().mean())}
 
+    def objective(self, x, y, t):
+        """Task t's loss along the path whose turn it is (only its modules and head learn)."""
+        task = self._task
+        return self.loss(self.task_logits(x, task, self.paths[self.active]), y, task)
+
     def observe(self, x, y, t):
-        task = self.current_task
-        path = self.paths[self.active]
-        opt = self.optimizers()
-        for _ in range(self.glances):
-            opt.zero_grad()
-            loss = self.loss(self.task_logits(x, task, path), y, task)
-            self.manual_backward(loss)
-            if self.grad_clip_norm:
-                nn.utils.clip_grad_norm_(self.evolved(), self.grad_clip_norm)
-            opt.step()
-        self.turn_loss += loss.detach()
+        loss = super().observe(x, y, t)  # glances of SGD on the active path
+        self.turn_loss += loss
         self.turn_step += 1
         if int(self.turn_step) >= int(self.turn_batches):
-            self.end_turn(task)
+            self.end_turn(self._task)
             if int(self.active) == self.P:
                 self.end_generation()
-        return loss.detach()
+        return loss
 
     # ----------------------------------------------------------------- evaluation
     # The plateau schedule (schedule=hat) must not restore its own best epoch: the parameters
@@ -319,7 +313,4 @@ class PathNet(ContinualMethod):
 
     @torch.no_grad()
     def predict(self, x, t, allowed=None, variant=None):
-        logits = self.task_logits(x, t, self.path_of(t))
-        if allowed is None:
-            return self.mask_logits(logits, t).argmax(dim=1)
-        return logits.masked_fill(~allowed, MASK_VALUE).argmax(dim=1)
+        return self.restrict(self.task_logits(x, t, self.path_of(t)), t, allowed).argmax(dim=1)

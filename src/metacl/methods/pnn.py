@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metacl.errors import ConfigError
-from metacl.methods.base import MASK_VALUE, ContinualMethod
+from metacl.methods.base import SGDMethod
 from metacl.models.alexnet import AlexNet
 from metacl.models.backbones import MLP
 
@@ -137,14 +137,15 @@ class ConvColumn(nn.Module):
         raise AssertionError("unreachable")
 
 
-class PNN(ContinualMethod):
+class PNN(SGDMethod):
+    precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
     # the models it reads sizes from, checked by metacl.validate (class -> config names)
     network_models: ClassVar[dict[str, str]] = {"MLP": "mlp, mlp_hat", "AlexNet": "alexnet"}
 
     def __init__(self, backbone, task_info, lr: float = 0.05,
                  column_hidden: list[int] | None = None, column_scale: float | None = None,
                  grad_clip_norm: float | None = 10000.0, **kwargs):
-        super().__init__(backbone, task_info, **kwargs)
+        super().__init__(backbone, task_info, lr=lr, grad_clip_norm=grad_clip_norm, **kwargs)
         T, n_out = task_info.n_tasks, task_info.n_outputs
         if isinstance(backbone, AlexNet):
             if column_hidden is not None:
@@ -160,20 +161,11 @@ class PNN(ContinualMethod):
         else:
             raise ConfigError(f"method=pnn builds MLP or AlexNet-like columns and needs "
                               f"model=mlp, mlp_hat or alexnet, not {type(backbone).__name__}")
-        self.lr, self.grad_clip_norm = lr, grad_clip_norm
-        self._task = 0
-        self.optimizer = self._column_optimizer(0)
-
-    def _column_optimizer(self, t: int) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.columns[t].parameters(), lr=self.lr)
-
-    def configure_optimizers(self):
-        return self.optimizer
+        self.set_trained_parameters(self.columns[0].parameters())
 
     def before_task(self, t: int, datamodule) -> None:
         super().before_task(t, datamodule)
-        self._task = t
-        self.optimizer = self._column_optimizer(t)  # only the new column learns
+        self.set_trained_parameters(self.columns[t].parameters())  # only the new column learns
 
     def task_logits(self, x: Tensor, t: int) -> Tensor:
         x = x.reshape(x.shape[0], *self.task_info.input_shape)
@@ -186,21 +178,9 @@ class PNN(ContinualMethod):
     def forward(self, x, t):
         return self.mask_logits(self.task_logits(x, int(t)), int(t))
 
-    def observe(self, x, y, t):
-        opt = self.optimizers()
-        for _ in range(self.glances):
-            opt.zero_grad()
-            loss = self.loss(self.task_logits(x, self._task), y, self._task)
-            self.manual_backward(loss)
-            if self.grad_clip_norm:
-                nn.utils.clip_grad_norm_(self.columns[self._task].parameters(),
-                                         self.grad_clip_norm)
-            opt.step()
-        return loss.detach()
+    def objective(self, x, y, t):
+        return self.loss(self.task_logits(x, self._task), y, self._task)
 
     @torch.no_grad()
     def predict(self, x, t, allowed=None, variant=None):
-        logits = self.task_logits(x, t)
-        if allowed is None:
-            return self.mask_logits(logits, t).argmax(dim=1)
-        return logits.masked_fill(~allowed, MASK_VALUE).argmax(dim=1)
+        return self.restrict(self.task_logits(x, t), t, allowed).argmax(dim=1)
