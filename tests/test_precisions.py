@@ -66,7 +66,7 @@ def test_bf16_methods_observe_under_autocast(compose, name):
 
 @pytest.mark.parametrize("name", EPISODIC_BF16)
 def test_bf16_meta_learners_train_under_autocast(compose, tmp_path, name):
-    from metacl.run import main as run_main
+    from metacl.runner.main import main as run_main
 
     cfg = compose(["debug=fast", f"method={name}", "dataset=digits_fewshot",
                    "trainer.precision=bf16-mixed", f"paths.output_dir={tmp_path}",

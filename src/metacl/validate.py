@@ -254,14 +254,15 @@ def check_task_ids(cfg: DictConfig, protocol: str) -> None:
 
 def check_network_model(cfg: DictConfig) -> None:
     """A method that builds its own network from the model's sizes (PathNet's modules, PNN's
-    columns) names the model classes it can read in `network_models` (class -> config names)."""
+    columns) or needs what only some models have (HAT's gated units) names the model classes
+    it can read in `network_models` (class -> config names)."""
     allowed = getattr(get_class(cfg.method._target_), "network_models", None)
     if not allowed:
         return
     model = cfg.model._target_.rsplit(".", 1)[-1]
     if model not in allowed:
         method = cfg.method._target_.rsplit(".", 1)[-1]
-        raise ConfigError(f"method {method} builds its network from the model's sizes and "
+        raise ConfigError(f"method {method} reads its network from the model's layers and "
                           f"cannot read model={model}; allowed: model="
                           f"{', '.join(allowed.values())}")
 

@@ -1,7 +1,7 @@
 """The contract every few-shot meta-learner follows.
 
 A meta-learner is a LightningModule with manual optimization. The episodic loop
-(``metacl.fewshot.loop``) fits it on meta-batches of training episodes, then calls
+(``metacl.runner.episodic``) fits it on meta-batches of training episodes, then calls
 ``adapt_and_evaluate`` on the fixed test episodes. Unlike a continual method there is no task
 stream: every training step sees a fresh meta-batch of tasks.
 
@@ -46,7 +46,7 @@ def _dataset_choice() -> str | None:
 
 
 class MetaLearner(pl.LightningModule):
-    # Which datamodule protocol this method runs on (metacl.run.PROTOCOLS); continual
+    # Which datamodule protocol this method runs on (metacl.runner.main.LOOPS); continual
     # methods have none and run on the "continual" protocol.
     protocol = "episodic"
     # Lightning precisions (trainer.precision) under which this learner's meta-updates are
@@ -215,13 +215,3 @@ class MetaLearner(pl.LightningModule):
         with torch.enable_grad():
             losses, accs = self.map_tasks(self.task_eval, state, episodes)
         return {"loss": losses.detach(), "acc": accs.detach() if self.classification else None}
-
-    def evaluate(self, fixed) -> dict[str, Tensor | None]:
-        """``adapt_and_evaluate`` over fixed episodes (``FixedEpisodes``), concatenated (E, S+1)."""
-        losses, accs = [], []
-        for episodes in fixed.batches(self.eval_batch_size):
-            out = self.adapt_and_evaluate(episodes)
-            losses.append(out["loss"])
-            accs.append(out["acc"])
-        return {"loss": torch.cat(losses),
-                "acc": torch.cat(accs) if self.classification else None}

@@ -1,6 +1,6 @@
 """The contract every continual method follows.
 
-A method is a LightningModule with manual optimization. The continual loop (metacl.run) calls,
+A method is a LightningModule with manual optimization. The continual loop (metacl.runner.continual) calls,
 for each task t:  before_task(t, dm) -> Trainer.fit (training_step -> observe) -> after_task(t, dm),
 then evaluates with `predict` on every task. Everything the method learns or remembers (weights,
 learned learning rates, replay memory, ...) is registered as a parameter, buffer or submodule so
@@ -27,7 +27,7 @@ MASK_VALUE = -1e10  # as La-MAML: large negative logits for classes outside the 
 
 
 class ContinualMethod(ReloadHooks, pl.LightningModule):
-    protocol = "continual"  # runs on ContinualDataModule streams (metacl.run.PROTOCOLS)
+    protocol = "continual"  # runs on ContinualDataModule streams (metacl.runner.main.LOOPS)
     # Lightning precisions (trainer.precision) under which this method's updates are correct;
     # the runner refuses the others. Add "bf16-mixed" only where a bf16 run was checked.
     precisions: tuple[str, ...] = ("32-true",)

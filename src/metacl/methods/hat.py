@@ -32,6 +32,7 @@ Embeddings, heads and cumulative masks are parameters/buffers: `state_dict()` re
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,8 @@ def embedding_compensation(e: Tensor, s: float, smax: float, cosh_clamp: float =
 
 class HAT(SGDMethod):
     precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+    # The gated models (their units carry HAT's task embeddings): refused before data loads.
+    network_models: ClassVar[dict[str, str]] = {"MLP": "mlp, mlp_hat", "AlexNet": "alexnet"}
 
     def __init__(self, backbone, task_info, lr: float = 0.05, momentum: float = 0.0,
                  weight_decay: float = 0.0, smax: float = 400.0, lamb: float = 0.75,
