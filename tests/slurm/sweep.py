@@ -102,7 +102,8 @@ class Sweep:
         has one job (submitit submits no array then)."""
         for folder in (self.dir / ".submitit").glob("*"):
             if re.fullmatch(rf"\d+_{n}", folder.name) or (
-                    n == 0 and (folder / f"{folder.name}_submitted.pkl").exists()):
+                    n == 0 and folder.name.isdigit()
+                    and (folder / f"{folder.name}_submitted.pkl").exists()):
                 return folder.name
         return None
 
