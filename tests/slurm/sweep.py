@@ -52,8 +52,8 @@ class Sweep:
         return self
 
     def finish(self, timeout: float) -> str:
-        """Wait for the launcher (it returns when every job has a result), releasing requeued
-        jobs meanwhile (a thread); its output. Fails with the cluster's and the jobs' state on time-out."""
+        """Wait for the launcher (it returns when every job has a result; a thread releases
+        requeued jobs meanwhile); its output. On time-out, fails with the jobs' state."""
         self.wait_until(lambda: self.proc.poll() is not None, timeout, "the multirun to end",
                         allow_exit=True)
         return self.log_path.read_text()
