@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install train test test-gpu bench lint clean distclean
+.PHONY: install train test test-gpu test-slurm bench lint clean distclean
 
 # (Re)install when pyproject.toml changes; torch/torchvision come from the machine's wheels.
 $(STAMP): pyproject.toml
@@ -25,6 +25,13 @@ test: $(STAMP)
 # on the GPU. Needs a CUDA device; prints cases, time and peak GPU memory at the end.
 test-gpu: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -m gpu tests/gpu -p no:cacheprovider $(ARGS)
+
+# The SLURM suite (tests/slurm) on a one-node cluster on this machine, started (and installed
+# with apt-get, as root) by scripts/slurm_cluster.sh; `make test` runs these tests too when a
+# cluster answers, and skips them (saying why) when none does.
+test-slurm: $(STAMP)
+	scripts/slurm_cluster.sh
+	WANDB_MODE=disabled METACL_REQUIRE_SLURM=1 $(PY) -m pytest -m slurm tests/slurm $(ARGS)
 
 # The default experiment (train seconds, RA/BTI), then one MAML meta-batch with Omniglot shapes
 # (per-task loop and vmap, first order, beside the MAML-Pytorch port's structure).
