@@ -78,6 +78,27 @@ def _truncated_mer(tmp: Path) -> Path:
     return root
 
 
+def _mnist(tmp: Path, damage: str) -> Path:
+    """MNIST's four raw idx files, one of them damaged."""
+    import numpy as np
+
+    from .test_sources import _write_idx, _write_mnist
+
+    root = tmp / "mnist"
+    _write_mnist(root, n_train=30, n_test=10)
+    raw = root / "MNIST" / "raw"
+    images = raw / "train-images-idx3-ubyte"
+    if damage == "truncated":
+        images.write_bytes(images.read_bytes()[:1000])
+    elif damage == "empty":
+        images.write_bytes(b"")
+    elif damage == "magic":
+        images.write_bytes(b"\x12\x34\x56\x78" + images.read_bytes()[4:])
+    elif damage == "labels":
+        _write_idx(raw / "t10k-labels-idx1-ubyte", np.zeros(7, dtype=np.uint8))
+    return root
+
+
 def _empty_dir(tmp: Path) -> Path:
     (tmp / "empty").mkdir()
     return tmp / "empty"
@@ -108,7 +129,7 @@ ROWS = [
      ["dataset.init_cls_num=5", "dataset.inc_cls_num"]),
     ("samples_per_task too large", ["dataset.samples_per_task=5000"], None,
      ["dataset.samples_per_task=5000", "4000"]),
-    ("task ids needed", [f"method._target_={__name__}.TaskIdOnlyMethod"], None,
+    ("task ids needed", ["method=finetune", f"method._target_={__name__}.TaskIdOnlyMethod"], None,
      ["TaskIdOnlyMethod", "dataset.scenario=mnist_rotations", "class_split"]),
     ("pathnet on a model it cannot read", ["method=pathnet", "model=pc_cnn"], None,
      ["PathNet", "model=PcCNN", "mlp, mlp_hat, alexnet"]),
@@ -149,6 +170,32 @@ ROWS = [
      ["trainer.warp_speed", "max_epochs"]),
     ("unsupported precision", ["trainer.precision=16-mixed"], None,
      ["trainer.precision=16-mixed", "LaMAML", "32-true"]),
+    # issue 17: values that used to end in a traceback or in a run of the wrong size
+    ("seed not a number", ["seed=abc"], None, ["seed='abc'", "an integer"]),
+    ("seed not an integer", ["seed=1.5"], None, ["seed=1.5", "an integer"]),
+    ("unknown method key", ["+method.foo=1"], None,
+     ["method.foo=1", "LaMAML", "allowed:", "glances", "opt_lr"]),
+    ("unknown model key", ["+model.depth=3"], None, ["model.depth=3", "MLP", "hidden"]),
+    ("infinite lr", ["method=er", "method.lr=inf"], None, ["method.lr=inf", "finite"]),
+    ("negative checkpoint interval", ["checkpoint.every_n_steps=-1"], None,
+     ["checkpoint.every_n_steps=-1", ">= 1"]),
+    ("zero limit_tasks", ["dataset.limit_tasks=0"], None, ["dataset.limit_tasks=0", ">= 1"]),
+    ("negative limit_tasks", ["dataset.limit_tasks=-1"], None,
+     ["dataset.limit_tasks=-1", ">= 1"]),
+    ("zero limit_train_per_task", ["dataset.limit_train_per_task=0"], None,
+     ["dataset.limit_train_per_task=0", ">= 1"]),
+    ("few-shot zero limit_tasks", ["dataset=digits_fewshot", "method=maml", "model=conv4",
+                                   "dataset.limit_tasks=0"], None, ["dataset.limit_tasks=0"]),
+    ("validation rounds to nothing", ["dataset.validation=0.0001"], None,
+     ["dataset.validation=0.0001", "no sample", "fraction >="]),
+    ("MNIST idx file truncated", ["dataset.source=mnist", "dataset.samples_per_task=10"],
+     lambda tmp: _mnist(tmp, "truncated"), ["train-images-idx3-ubyte", "truncated"]),
+    ("MNIST idx file empty", ["dataset.source=mnist", "dataset.samples_per_task=10"],
+     lambda tmp: _mnist(tmp, "empty"), ["train-images-idx3-ubyte", "empty"]),
+    ("MNIST idx file wrong magic", ["dataset.source=mnist", "dataset.samples_per_task=10"],
+     lambda tmp: _mnist(tmp, "magic"), ["train-images-idx3-ubyte", "magic"]),
+    ("MNIST labels of the wrong length", ["dataset.source=mnist", "dataset.samples_per_task=10"],
+     lambda tmp: _mnist(tmp, "labels"), ["t10k-labels-idx1-ubyte", "t10k-images-idx3-ubyte"]),
 ]
 
 
