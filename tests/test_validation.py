@@ -291,3 +291,30 @@ def test_cli_unknown_option_and_bad_value_exit_2_with_one_line(tmp_path, previou
     assert bad.stderr.strip().splitlines()[-1].startswith("error: method.lr=-1")
     assert (previous_run / "results.json").read_text() == before
     assert not (tmp_path / "outputs").exists()  # no stray run folder either
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_damaged_checkpoint_is_one_line_and_touches_nothing(compose, previous_run, monkeypatch,
+                                                            capsys, damage):
+    from metacl import checkpoint
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    ckpt = previous_run / "checkpoints" / checkpoint.BOUNDARY_FILE
+    ckpt.parent.mkdir()
+    if damage == "empty":
+        ckpt.write_bytes(b"")
+    else:
+        torch.save({"format": checkpoint.FORMAT_VERSION, "weights": torch.zeros(1000)}, ckpt)
+        ckpt.write_bytes(ckpt.read_bytes()[:2000])
+    listing = sorted(p.name for p in previous_run.rglob("*"))
+    before = ckpt.read_bytes()
+    cfg = compose(["debug=fast", f"paths.output_dir={previous_run}",
+                   f"resume.path={previous_run}"])
+    with pytest.raises(SystemExit) as exited:
+        run_with_clean_errors(run_main, cfg)
+    assert exited.value.code == EXIT_USER_ERROR
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint {ckpt}")
+    assert ("0 bytes" if damage == "empty" else "truncated") in lines[0]
+    assert sorted(p.name for p in previous_run.rglob("*")) == listing
+    assert ckpt.read_bytes() == before

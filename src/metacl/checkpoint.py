@@ -63,11 +63,18 @@ def atomic_save(obj, path: Path) -> None:
 
 def load(path: Path) -> dict:
     """A checkpoint, loaded safely (weights_only: no arbitrary pickle is executed)."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise ConfigError(f"checkpoint {path} is empty (0 bytes); delete it to start over")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:160]}); delete it to start over") from err
+        first = (str(err).strip().splitlines() or [""])[0]
+        if "central directory" in first or isinstance(err, EOFError):  # a cut-off zip
+            why = "it is truncated"
+        else:
+            why = f"{type(err).__name__}: {first[:160]}"
+        raise ConfigError(f"checkpoint {path} cannot be read ({why}); delete it to start "
+                          "over") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise ConfigError(f"checkpoint {path} is not a metacl checkpoint of format "
                           f"{FORMAT_VERSION}; delete it to start over")
