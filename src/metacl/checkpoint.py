@@ -268,11 +268,17 @@ def plan_resume(cfg, out_dir: Path, config: dict) -> ResumePlan | None:
 
 # ------------------------------------------------------------------------------ signals
 class Interrupted(BaseException):
-    """A stop signal arrived; a checkpoint was saved. Exits with 128 + the signal number."""
+    """A stop signal arrived; a checkpoint was saved (unless `saved` is False: the run had
+    save_checkpoints=false). Exits with 128 + the signal number."""
 
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; a checkpoint was saved")
-        self.signum = signum
+    def __init__(self, signum: int, saved: bool = True):
+        super().__init__(signum)
+        self.signum, self.saved = signum, saved
+
+    def __str__(self) -> str:
+        what = ("a checkpoint was saved" if self.saved else
+                "save_checkpoints=false, so there is no checkpoint to resume from")
+        return f"stopped by {signal.Signals(self.signum).name}; {what}"
 
     @property
     def exit_code(self) -> int:

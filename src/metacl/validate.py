@@ -335,8 +335,10 @@ def check_group_keys(cfg: DictConfig) -> None:
                 continue  # _target_, _partial_, ...
             if key not in allowed:
                 name = node._target_.rsplit(".", 1)[-1]
-                raise ConfigError(f"{group}.{key}={node.get(key)!r} is not a key "
-                                  f"of {name}; allowed: {', '.join(sorted(allowed))}")
+                value = repr(node.get(key))
+                value = value if len(value) <= 60 else value[:57] + "..."
+                raise ConfigError(f"{group}.{key}={value} is not a key of {name}; allowed: "
+                                  f"{', '.join(sorted(allowed))}")
 
 
 def check_dataset_values(ds: DictConfig) -> None:
