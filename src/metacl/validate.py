@@ -12,7 +12,11 @@ Data files themselves (missing, corrupt, wrong shape) are checked where they are
 | positive numbers         | method.lr, opt_lr, opt_wt, alpha_init, meta_lr, inner_lr,      |
 |                          | batch_size, n_epochs, glances, memories, memory_size,          |
 |                          | n_memories, replay_batch_size, meta_batch_size, inner_steps   |
-|                          | (lr > 0 or inf/nan is refused; counts >= 1; memories >= 0)     |
+|                          | (lr finite and > 0; counts >= 1; memories >= 0)                |
+| seed, checkpoints        | seed (an integer), checkpoint.every_n_steps >= 0,              |
+|                          | save_checkpoints true/false                                   |
+| group keys               | every method./model./dataset. key is an argument of its class |
+| debug limits             | dataset.limit_* null or >= 1 (data.datamodule.check_limits)    |
 | method fits the dataset  | method class protocol == dataset class protocol                |
 | task ids exist           | a method needing task ids at test time on a scenario with them |
 | method builds on model   | pathnet/pnn (a class's `network_models`): model=mlp/mlp_hat/alexnet |
