@@ -9,11 +9,24 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
+# Ctrl-C in the first seconds (imports, Hydra composing the config) is one line, exit 130.
+EARLY_CTRL_C = "stopped: interrupted by Ctrl-C before the run started; nothing to resume"
 
-from metacl.cli import EXIT_USER_ERROR, bad_resume_path, unknown_choice
-from metacl.resolvers import expand_aliases  # also registers ${metacl.run_dir:...}
+try:
+    import hydra
+    from omegaconf import DictConfig
+
+    from metacl.cli import (
+        EXIT_CTRL_C,
+        EXIT_USER_ERROR,
+        bad_resume_path,
+        unknown_choice,
+        unwritable_output,
+    )
+    from metacl.resolvers import expand_aliases  # also registers ${metacl.run_dir:...}
+except KeyboardInterrupt:
+    print(EARLY_CTRL_C, file=sys.stderr)
+    sys.exit(130)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -26,12 +39,17 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     sys.argv[1:] = expand_aliases(sys.argv[1:])  # resume=X means resume.path=X
+    # Before Hydra creates an output folder (its own messages span a dozen lines).
     problem = (unknown_choice(sys.argv[1:], Path(__file__).resolve().parent / "conf")
-               or bad_resume_path(sys.argv[1:]))
-    if problem:  # before Hydra creates an output folder
+               or bad_resume_path(sys.argv[1:]) or unwritable_output(sys.argv[1:]))
+    if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # inside the run, run_with_clean_errors says more
+        print(EARLY_CTRL_C, file=sys.stderr)
+        sys.exit(EXIT_CTRL_C)
     from metacl.runner.summary import failed_jobs
 
     if failed_jobs:  # a multirun with failed jobs (the table above names them)

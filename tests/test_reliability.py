@@ -223,7 +223,7 @@ def test_resume_alias_and_latest_run_lookup(tmp_path):
 def test_divergence_stops_with_task_and_step_and_status_diverged(compose, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(DivergedError, match=r"in task 0 \(batch \d+\)"):
-        run_main(compose(["debug=fast", "method=er", "method.lr=inf",
+        run_main(compose(["debug=fast", "method=er", "method.lr=1e30",
                           f"paths.output_dir={out}", "checkpoint.every_n_steps=2"]))
     results = _results(out)
     assert results["status"] == "diverged" and "DivergedError" in results["error"]

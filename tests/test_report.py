@@ -106,6 +106,24 @@ def test_failed_and_unfinished_runs_are_listed_not_averaged(sweep, tmp_path):
     assert "6_lr=0.03,seed=4" in text and "running" in text
 
 
+def test_a_damaged_results_json_is_skipped_with_a_warning(sweep, tmp_path, capsys):
+    whole = build_report([sweep], tmp_path / "whole", plots=False)
+    damaged = sweep / "1_lr=0.03,seed=1" / "results.json"
+    damaged.write_text(damaged.read_text()[:150])  # a copy cut short
+    (sweep / "8_empty").mkdir()
+    (sweep / "8_empty" / "results.json").write_text("")
+    (sweep / "9_list").mkdir()
+    (sweep / "9_list" / "results.json").write_text("[1, 2]")
+    assert main([str(sweep), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    for name in (damaged, sweep / "8_empty" / "results.json", sweep / "9_list" / "results.json"):
+        assert f"warning: skipped {name}" in err
+    report = build_report([sweep], tmp_path / "out2", plots=False)
+    low = next(c for c in report.cells if c.label == "method.lr=0.03")
+    assert len(low.runs) == 2 and low.stats["RA"][0] == pytest.approx(52.0)  # seeds 0 and 2
+    assert len(report.cells) == len(whole.cells)
+
+
 def test_published_numbers_match_dataset_method_and_passes(sweep, tmp_path):
     report = build_report([sweep], tmp_path / "out")
     low = next(c for c in report.cells if c.label == "method.lr=0.03")

@@ -125,7 +125,7 @@ def test_validation_metric_without_validation_split_fails_before_training(compos
 
 # ----------------------------------------------------------------------------- failed jobs
 def test_diverging_single_run_raises_and_records_the_failure(compose, tmp_path):
-    cfg = compose(["debug=fast", f"paths.output_dir={tmp_path}", "method=er", "method.lr=inf"])
+    cfg = compose(["debug=fast", f"paths.output_dir={tmp_path}", "method=er", "method.lr=1e30"])
     with pytest.raises(DivergedError):
         run_main(cfg)
     results = json.loads((tmp_path / "results.json").read_text())
@@ -138,7 +138,7 @@ def test_failing_jobs_of_a_multirun_are_recorded_and_return_nan(compose, tmp_pat
     monkeypatch.setattr(run_module, "job_info",
                         lambda cfg: JobInfo(name="job", multirun=True, hydra={"job_num": 3}))
     diverged = tmp_path / "diverged"
-    cfg = compose(["debug=fast", f"paths.output_dir={diverged}", "method=er", "method.lr=inf"])
+    cfg = compose(["debug=fast", f"paths.output_dir={diverged}", "method=er", "method.lr=1e30"])
     assert math.isnan(run_main(cfg))
     results = json.loads((diverged / "results.json").read_text())
     assert results["status"] == "diverged"
@@ -192,13 +192,13 @@ def test_optuna_search_of_three_trials_maximises_the_validation_metric(tmp_path)
 
 @pytest.fixture(scope="module")
 def submitit_sweep(tmp_path_factory):
-    """Two jobs through submitit's local executor, W&B offline; job 1 diverges (lr = inf)."""
+    """Two jobs through submitit's local executor, W&B offline; job 1 diverges (lr = 1e30)."""
     cwd = tmp_path_factory.mktemp("submitit")
     wandb_home = cwd / "wandb_home"
     out = _train_py(
         ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20", "debug=fast",
          "dataset.limit_train_per_task=30", "dataset.limit_test_per_task=30",
-         "logger=wandb", "method=er", "method.lr=0.1,inf"], cwd,
+         "logger=wandb", "method=er", "method.lr=0.1,1e30"], cwd,
         WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONFIG_DIR=str(wandb_home / "config"),
         WANDB_CACHE_DIR=str(wandb_home / "cache"), WANDB_DATA_DIR=str(wandb_home / "data"),
     )
@@ -213,7 +213,7 @@ def test_submitit_local_two_job_sweep_runs_end_to_end(submitit_sweep):
     assert "1 of 2 jobs completed" in out.stderr
     assert list((sweep / ".submitit").rglob("*_log.out"))  # really went through submitit
     done, diverged = _jobs(sweep)
-    assert "method.lr=0.1," in done.name and "method.lr=inf," in diverged.name
+    assert "method.lr=0.1," in done.name and "method.lr=1e30," in diverged.name
     results = json.loads((done / "results.json").read_text())
     assert results["status"] == "completed" and len(results["accuracy_matrix"]) == 2
     assert results["config"]["hydra"]["job_num"] == 0
@@ -234,7 +234,7 @@ def test_wandb_offline_writes_one_run_per_job_with_the_matrix_table(submitit_swe
     runs = [_wandb_run(done), _wandb_run(diverged)]
     assert runs[0].name != runs[1].name  # one run per job
     group = f"debug-{sweep.name}"  # the sweep is the W&B group
-    for lr, run_dir in zip(("0.1", "inf"), runs):
+    for lr, run_dir in zip(("0.1", "1e30"), runs):
         (log,) = run_dir.glob("run-*.wandb")
         data = log.read_bytes()
         assert group.encode() in data
@@ -262,7 +262,7 @@ def test_report_over_the_sweep_lists_the_diverged_job(submitit_sweep, tmp_path):
     report = build_report([sweep], tmp_path / "report", plots=False)
     assert len(report.cells) == 1 and len(report.cells[0].runs) == 1
     assert len(report.failed) == 1
-    (failed_line,) = [line for line in report.markdown.splitlines() if "method.lr=inf" in line]
+    (failed_line,) = [line for line in report.markdown.splitlines() if "method.lr=1e30" in line]
     assert "mnist_rotations/er" in failed_line
 
 

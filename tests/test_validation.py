@@ -89,6 +89,27 @@ def _crafted_mer(tmp: Path) -> Path:
     return root
 
 
+def _mnist(tmp: Path, damage: str) -> Path:
+    """MNIST's four raw idx files, one of them damaged."""
+    import numpy as np
+
+    from .test_sources import _write_idx, _write_mnist
+
+    root = tmp / "mnist"
+    _write_mnist(root, n_train=30, n_test=10)
+    raw = root / "MNIST" / "raw"
+    images = raw / "train-images-idx3-ubyte"
+    if damage == "truncated":
+        images.write_bytes(images.read_bytes()[:1000])
+    elif damage == "empty":
+        images.write_bytes(b"")
+    elif damage == "magic":
+        images.write_bytes(b"\x12\x34\x56\x78" + images.read_bytes()[4:])
+    elif damage == "labels":
+        _write_idx(raw / "t10k-labels-idx1-ubyte", np.zeros(7, dtype=np.uint8))
+    return root
+
+
 def _empty_dir(tmp: Path) -> Path:
     (tmp / "empty").mkdir()
     return tmp / "empty"
@@ -123,7 +144,7 @@ ROWS = [
      ["dataset.scenario.init_cls_num=5", "dataset.scenario.inc_cls_num"]),
     ("samples_per_task too large", ["dataset.samples_per_task=5000"], None,
      ["dataset.samples_per_task=5000", "4000"]),
-    ("task ids needed", [f"method._target_={__name__}.TaskIdOnlyMethod"], None,
+    ("task ids needed", ["method=finetune", f"method._target_={__name__}.TaskIdOnlyMethod"], None,
      ["TaskIdOnlyMethod", "dataset.scenario=mnist_rotations", "class_split"]),
     ("pathnet on a model it cannot read", ["method=pathnet", "model=pc_cnn"], None,
      ["PathNet", "model=PcCNN", "mlp, mlp_hat, alexnet"]),
@@ -169,6 +190,32 @@ ROWS = [
      ["trainer.warp_speed", "max_epochs"]),
     ("unsupported precision", ["trainer.precision=16-mixed"], None,
      ["trainer.precision=16-mixed", "LaMAML", "32-true"]),
+    # issue 17: values that used to end in a traceback or in a run of the wrong size
+    ("seed not a number", ["seed=abc"], None, ["seed='abc'", "an integer"]),
+    ("seed not an integer", ["seed=1.5"], None, ["seed=1.5", "an integer"]),
+    ("unknown method key", ["+method.foo=1"], None,
+     ["method.foo=1", "LaMAML", "allowed:", "glances", "opt_lr"]),
+    ("unknown model key", ["+model.depth=3"], None, ["model.depth=3", "MLP", "hidden"]),
+    ("infinite lr", ["method=er", "method.lr=inf"], None, ["method.lr=inf", "finite"]),
+    ("negative checkpoint interval", ["checkpoint.every_n_steps=-1"], None,
+     ["checkpoint.every_n_steps=-1", ">= 1"]),
+    ("zero limit_tasks", ["dataset.limit_tasks=0"], None, ["dataset.limit_tasks=0", ">= 1"]),
+    ("negative limit_tasks", ["dataset.limit_tasks=-1"], None,
+     ["dataset.limit_tasks=-1", ">= 1"]),
+    ("zero limit_train_per_task", ["dataset.limit_train_per_task=0"], None,
+     ["dataset.limit_train_per_task=0", ">= 1"]),
+    ("few-shot zero limit_tasks", ["dataset=digits_fewshot", "method=maml", "model=conv4",
+                                   "dataset.limit_tasks=0"], None, ["dataset.limit_tasks=0"]),
+    ("validation rounds to nothing", ["dataset.validation=0.0001"], None,
+     ["dataset.validation=0.0001", "no sample", "fraction >="]),
+    ("MNIST idx file truncated", ["dataset/source=mnist", "dataset.samples_per_task=10"],
+     lambda tmp: _mnist(tmp, "truncated"), ["train-images-idx3-ubyte", "truncated"]),
+    ("MNIST idx file empty", ["dataset/source=mnist", "dataset.samples_per_task=10"],
+     lambda tmp: _mnist(tmp, "empty"), ["train-images-idx3-ubyte", "empty"]),
+    ("MNIST idx file wrong magic", ["dataset/source=mnist", "dataset.samples_per_task=10"],
+     lambda tmp: _mnist(tmp, "magic"), ["train-images-idx3-ubyte", "magic"]),
+    ("MNIST labels of the wrong length", ["dataset/source=mnist", "dataset.samples_per_task=10"],
+     lambda tmp: _mnist(tmp, "labels"), ["t10k-labels-idx1-ubyte", "t10k-images-idx3-ubyte"]),
 ]
 
 
@@ -246,9 +293,15 @@ def test_wandb_without_network_goes_offline_with_a_message(monkeypatch, capsys):
     assert "offline" in capsys.readouterr().err
 
 
+def _env() -> dict:
+    """train.py in a child process imports this checkout's metacl (not an installed copy)."""
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0",
+            "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
 def _train_py(args, cwd):
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0",
-           "OMP_NUM_THREADS": "1"}
+    env = _env()
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
 
@@ -272,3 +325,153 @@ def test_cli_unknown_option_and_bad_value_exit_2_with_one_line(tmp_path, previou
     assert bad.stderr.strip().splitlines()[-1].startswith("error: method.lr=-1")
     assert (previous_run / "results.json").read_text() == before
     assert not (tmp_path / "outputs").exists()  # no stray run folder either
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_damaged_checkpoint_is_one_line_and_touches_nothing(compose, previous_run, monkeypatch,
+                                                            capsys, damage):
+    from metacl import checkpoint
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    ckpt = previous_run / "checkpoints" / checkpoint.BOUNDARY_FILE
+    ckpt.parent.mkdir()
+    if damage == "empty":
+        ckpt.write_bytes(b"")
+    else:
+        torch.save({"format": checkpoint.FORMAT_VERSION, "weights": torch.zeros(1000)}, ckpt)
+        ckpt.write_bytes(ckpt.read_bytes()[:2000])
+    listing = sorted(p.name for p in previous_run.rglob("*"))
+    before = ckpt.read_bytes()
+    cfg = compose(["debug=fast", f"paths.output_dir={previous_run}",
+                   f"resume.path={previous_run}"])
+    with pytest.raises(SystemExit) as exited:
+        run_with_clean_errors(run_main, cfg)
+    assert exited.value.code == EXIT_USER_ERROR
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint {ckpt}")
+    assert ("0 bytes" if damage == "empty" else "truncated") in lines[0]
+    assert sorted(p.name for p in previous_run.rglob("*")) == listing
+    assert ckpt.read_bytes() == before
+
+
+# ------------------------------------------------------------------ runs that end early (issue 17)
+def test_a_diverged_single_run_is_one_line_and_status_diverged(compose, tmp_path, capsys,
+                                                                monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    cfg = compose(["debug=fast", "method=er", "method.lr=1e30", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(SystemExit) as exited:
+        run_with_clean_errors(run_main, cfg)
+    assert exited.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: the run diverged: training loss became nan in task 0")
+    assert "status: diverged" in lines[-1] and "method.lr" in lines[-1]
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "diverged"
+
+
+def test_ctrl_c_before_the_stop_handler_is_one_line(compose, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the data are built (before the loop takes over SIGINT): no traceback."""
+    from metacl.data.datamodule import ContinualDataModule
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ContinualDataModule, "build", interrupted)
+    cfg = compose(["debug=fast", f"paths.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as exited:
+        run_with_clean_errors(run_main, cfg)
+    assert exited.value.code == 130
+    err = capsys.readouterr().err
+    assert err.strip() == ("stopped: interrupted by Ctrl-C before any checkpoint was saved; "
+                           "nothing to resume")
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_ctrl_c_prints_a_resume_hint_only_with_checkpoints(compose, tmp_path, capsys,
+                                                           monkeypatch, save):
+    import signal
+
+    from metacl.runner.callbacks import InTaskCheckpoints
+
+    original = InTaskCheckpoints.__call__
+
+    def call(self, stream, trainer, pl_module, batch_idx):
+        if stream.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, stream, trainer, pl_module, batch_idx)
+
+    monkeypatch.setattr(InTaskCheckpoints, "__call__", call)
+    out = tmp_path / "run"
+    cfg = compose(["debug=fast", "method=er", f"paths.output_dir={out}",
+                   f"save_checkpoints={str(save).lower()}"])
+    with pytest.raises(SystemExit) as exited:
+        run_with_clean_errors(run_main, cfg)
+    assert exited.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert ("resume=" in err) == save  # the hint: python train.py ... resume=<dir>
+    assert (out / "checkpoints").exists() == save
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "interrupted"
+    if not save:
+        assert "save_checkpoints=false" in err.strip().splitlines()[-1]
+
+
+def test_ctrl_c_in_the_first_second_is_one_line(tmp_path):
+    """SIGINT while train.py still imports: one line, exit 130, no KeyboardInterrupt trace."""
+    import signal
+    import time
+
+    env = _env()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "debug=fast", f"hydra.run.dir={tmp_path / 'r'}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1].startswith("stopped: interrupted by Ctrl-C")
+
+
+def test_unwritable_output_folder_is_refused_before_hydra_creates_it(tmp_path, monkeypatch):
+    from metacl.cli import unwritable_output
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    problem = unwritable_output([f"hydra.run.dir={blocker / 'run'}"])
+    assert problem.startswith(f"hydra.run.dir={blocker / 'run'} cannot be created")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode))
+    problem = unwritable_output(["-m", "seed=1,2", f"hydra.sweep.dir={locked / 'sweep'}"])
+    assert problem.startswith(f"hydra.sweep.dir={locked / 'sweep'} is not writable")
+    monkeypatch.chdir(locked)  # the default outputs/ folder, under the current one
+    assert f"{locked / 'outputs'} is not writable" in unwritable_output(["seed=1"])
+    assert unwritable_output([f"hydra.run.dir={tmp_path / 'fine' / 'run'}"]) is None
+    monkeypatch.chdir(tmp_path)
+    assert unwritable_output([f"hydra.run.dir={locked}/x", "-m"]) is None  # run.dir unused
+
+
+def test_cli_unwritable_output_and_long_multirun_folder(tmp_path):
+    """A read-only place is one line from train.py (exit 2, nothing created); a multirun job
+    whose overrides make a folder name over 255 bytes gets a shortened, hashed name and keeps
+    its full overrides in .hydra/."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    refused = _train_py(["debug=fast", f"hydra.run.dir={blocker / 'run'}"], tmp_path)
+    assert refused.returncode == EXIT_USER_ERROR and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        (f"error: hydra.run.dir={blocker / 'run'} cannot be created: {blocker} is a file; "
+         "allowed: a folder you can write to, e.g. hydra.run.dir=<dir>")]
+    long_name = "t" * 300
+    sweep = tmp_path / "sweep"
+    done = _train_py(["-m", "debug=fast", "method=er", "dataset.limit_train_per_task=10",
+                      f"task_name={long_name}", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    (job,) = [p for p in sweep.iterdir() if p.is_dir()]
+    assert len(job.name.encode()) <= 200 and job.name.startswith("0_dataset.limit_train")
+    assert json.loads((job / "results.json").read_text())["status"] == "completed"
+    assert f"task_name={long_name}" in (job / ".hydra" / "overrides.yaml").read_text()

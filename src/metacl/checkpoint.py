@@ -63,11 +63,18 @@ def atomic_save(obj, path: Path) -> None:
 
 def load(path: Path) -> dict:
     """A checkpoint, loaded safely (weights_only: no arbitrary pickle is executed)."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise ConfigError(f"checkpoint {path} is empty (0 bytes); delete it to start over")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:160]}); delete it to start over") from err
+        first = (str(err).strip().splitlines() or [""])[0]
+        if "central directory" in first or isinstance(err, EOFError):  # a cut-off zip
+            why = "it is truncated"
+        else:
+            why = f"{type(err).__name__}: {first[:160]}"
+        raise ConfigError(f"checkpoint {path} cannot be read ({why}); delete it to start "
+                          "over") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise ConfigError(f"checkpoint {path} is not a metacl checkpoint of format "
                           f"{FORMAT_VERSION}; delete it to start over")
@@ -261,11 +268,17 @@ def plan_resume(cfg, out_dir: Path, config: dict) -> ResumePlan | None:
 
 # ------------------------------------------------------------------------------ signals
 class Interrupted(BaseException):
-    """A stop signal arrived; a checkpoint was saved. Exits with 128 + the signal number."""
+    """A stop signal arrived; a checkpoint was saved (unless `saved` is False: the run had
+    save_checkpoints=false). Exits with 128 + the signal number."""
 
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; a checkpoint was saved")
-        self.signum = signum
+    def __init__(self, signum: int, saved: bool = True):
+        super().__init__(signum)
+        self.signum, self.saved = signum, saved
+
+    def __str__(self) -> str:
+        what = ("a checkpoint was saved" if self.saved else
+                "save_checkpoints=false, so there is no checkpoint to resume from")
+        return f"stopped by {signal.Signals(self.signum).name}; {what}"
 
     @property
     def exit_code(self) -> int:

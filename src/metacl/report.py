@@ -170,6 +170,20 @@ def load_run(path: Path) -> Run:
                matrix=data.get("accuracy_matrix") or [], settings=_settings(config))
 
 
+def load_runs(paths) -> list[Run]:
+    """Every readable results.json; a damaged one (a job killed while a file system lost its
+    last write, a copy cut short) is skipped with a warning, never the whole report."""
+    runs = []
+    for path in paths:
+        try:
+            runs.append(load_run(path))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as err:
+            reason = " ".join(str(err).split())[:120]
+            print(f"warning: skipped {path}: not a readable results.json ({type(err).__name__}: "
+                  f"{reason})", file=sys.stderr)
+    return runs
+
+
 def find_results(dirs) -> list[Path]:
     paths = set()
     for d in dirs:
@@ -528,8 +542,7 @@ def _studies(dirs) -> list[tuple[Path, dict]]:
 
 def build_report(dirs, out_dir: str | Path | None = None, latex_table: bool = False,
                  plots: bool = True, metrics=None, published_path=None) -> Report:
-    paths = find_results(dirs)
-    runs = [load_run(p) for p in paths]
+    runs = load_runs(find_results(dirs))
     add_forgetting_ratios(runs)
     failed = [r for r in runs if not r.ok]
     metrics = list(metrics or (*METRICS, *FEWSHOT_METRICS))

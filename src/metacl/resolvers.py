@@ -70,6 +70,27 @@ def run_dir(resume_path, new_dir: str, runs_root: str, overrides) -> str:
     return str(resume_path)
 
 
+# A folder name may hold 255 bytes on the usual file systems; a job's name comes from its
+# overrides, which a sweep over long values (lists, paths) easily makes longer.
+NAME_BYTES = 200
+
+
+def folder_name(name) -> str:
+    """`name` as it is when short enough, else its first bytes plus a hash of all of it (the
+    full overrides stay in the job's .hydra/overrides.yaml and results.json)."""
+    import hashlib
+
+    name = str(name)
+    raw = name.encode()
+    if len(raw) <= NAME_BYTES:
+        return name
+    digest = hashlib.sha1(raw).hexdigest()[:12]
+    head = raw[: NAME_BYTES - len(digest) - 1].decode(errors="ignore")
+    return f"{head}-{digest}"
+
+
 def register() -> None:
     if not OmegaConf.has_resolver("metacl.run_dir"):
         OmegaConf.register_new_resolver("metacl.run_dir", run_dir)
+    if not OmegaConf.has_resolver("metacl.folder_name"):
+        OmegaConf.register_new_resolver("metacl.folder_name", folder_name)

@@ -12,7 +12,11 @@ Data files themselves (missing, corrupt, wrong shape) are checked where they are
 | positive numbers         | method.lr, opt_lr, opt_wt, alpha_init, meta_lr, inner_lr,      |
 |                          | batch_size, n_epochs, glances, memories, memory_size,          |
 |                          | n_memories, replay_batch_size, meta_batch_size, inner_steps   |
-|                          | (lr > 0 or inf/nan is refused; counts >= 1; memories >= 0)     |
+|                          | (lr finite and > 0; counts >= 1; memories >= 0)                |
+| seed, checkpoints        | seed (an integer), checkpoint.every_n_steps >= 0,              |
+|                          | save_checkpoints true/false                                   |
+| group keys               | every method./model./dataset. key is an argument of its class |
+| debug limits             | dataset.limit_* null or >= 1 (data.datamodule.check_limits)    |
 | method fits the dataset  | method class protocol == dataset class protocol                |
 | task ids exist           | a method needing task ids at test time on a scenario with them |
 | method builds on model   | pathnet/pnn (a class's `network_models`): model=mlp/mlp_hat/alexnet |
@@ -65,10 +69,9 @@ def check_method_numbers(method: DictConfig) -> None:
         value = method.get(name)
         if value is None:
             continue
-        # lr=inf is allowed on purpose: it is how the tests make a run diverge.
-        x = _number(f"method.{name}", value, "a number > 0")
-        if math.isnan(x) or x <= 0:
-            raise ConfigError(f"method.{name}={value!r} is invalid; allowed: a number > 0")
+        x = _number(f"method.{name}", value, "a finite number > 0")
+        if not math.isfinite(x) or x <= 0:
+            raise ConfigError(f"method.{name}={value!r} is invalid; allowed: a finite number > 0")
     for names, least in ((POSITIVE_COUNTS, 1), (NON_NEGATIVE_COUNTS, 0)):
         for name in names:
             value = method.get(name)
@@ -313,6 +316,77 @@ def _model_problem(cfg: DictConfig, shape: tuple[int, ...], n_outputs: int) -> s
     return None
 
 
+def check_seed(seed) -> None:
+    """seed: an integer (it seeds torch generators, which take nothing else)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed={seed!r} is invalid; allowed: an integer, e.g. seed=3")
+
+
+def check_run_options(cfg: DictConfig) -> None:
+    """Top-level keys of conf/train.yaml that the loops read as numbers."""
+    check_seed(cfg.get("seed"))
+    every = (cfg.get("checkpoint") or {}).get("every_n_steps", 0)
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
+        raise ConfigError(f"checkpoint.every_n_steps={every!r} is invalid; allowed: 0 (only "
+                          "after each task) or an integer >= 1")
+    if not isinstance(cfg.get("save_checkpoints", True), bool):
+        raise ConfigError(f"save_checkpoints={cfg.get('save_checkpoints')!r} is invalid; "
+                          "allowed: true, false")
+
+
+# Arguments the runner passes itself; a config may not set them.
+RUNNER_ARGUMENTS = {"method": ("backbone", "task_info", "episode_info"),
+                    "model": ("input_shape", "n_outputs"), "dataset": ()}
+
+
+def accepted_keys(cls: type) -> set[str] | None:
+    """The keyword arguments `cls(...)` accepts, following `**kwargs` up through the metacl
+    classes it is passed on to; None when a class outside metacl takes `**kwargs` too."""
+    import inspect
+
+    keys: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        if klass is not cls and not klass.__module__.startswith("metacl"):
+            return keys - {"self"}  # metacl bases pass nothing on to torch/Lightning classes
+        params = inspect.signature(klass.__init__).parameters.values()
+        keys |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return keys - {"self"}
+    return None
+
+
+def check_group_keys(cfg: DictConfig) -> None:
+    """Every key of the method, model and dataset configs is an argument of its class (a typo
+    or `+method.foo=1` used to end in the constructor's TypeError)."""
+    for group, passed in RUNNER_ARGUMENTS.items():
+        node = cfg.get(group)
+        if node is None or "_target_" not in node:
+            continue
+        allowed = accepted_keys(get_class(node._target_))
+        if allowed is None:
+            continue
+        allowed -= set(passed)
+        for key in node:
+            if str(key).startswith("_") and str(key).endswith("_"):
+                continue  # _target_, _partial_, ...
+            if key not in allowed:
+                name = node._target_.rsplit(".", 1)[-1]
+                value = repr(node.get(key))
+                value = value if len(value) <= 60 else value[:57] + "..."
+                raise ConfigError(f"{group}.{key}={value} is not a key of {name}; allowed: "
+                                  f"{', '.join(sorted(allowed))}")
+
+
+def check_dataset_values(ds: DictConfig) -> None:
+    """Dataset values checked by the datamodules themselves, checked here before anything is
+    written (metacl.data.datamodule.check_limits)."""
+    from metacl.data.datamodule import LIMIT_KEYS, check_limits
+
+    check_limits(**{key: ds.get(key) for key in LIMIT_KEYS if key in ds})
+
+
 def check_writable(out_dir: Path) -> None:
     """The output folder (or its first existing parent) must be writable."""
     probe = Path(out_dir)
@@ -326,7 +400,10 @@ def check_writable(out_dir: Path) -> None:
 def validate_config(cfg: DictConfig) -> str:
     """Run every rule (module docstring); return the run's protocol."""
     protocol = check_protocols(cfg)
+    check_run_options(cfg)
+    check_group_keys(cfg)
     check_method_numbers(cfg.method)
+    check_dataset_values(cfg.dataset)
     method_cls = get_class(cfg.method._target_)
     check_trainer(cfg.trainer, getattr(method_cls, "precisions", ("32-true",)),
                   cfg.method._target_.rsplit(".", 1)[-1])

@@ -47,6 +47,39 @@ def hold_out_validation(task: Task, fraction: float, gen: torch.Generator) -> No
     task.x_train, task.y_train = task.x_train[~mask], y[~mask]
 
 
+LIMIT_KEYS = ("limit_tasks", "limit_train_per_task", "limit_test_per_task")
+
+
+def check_limits(**limits) -> None:
+    """`limit_*` keep the first N tasks / N samples: null (all) or an integer >= 1. A 0 used to
+    mean "no limit" for tasks (all 20 ran) and "nothing" for samples (a run that trained on
+    nothing and reported "completed"); a negative count dropped tasks from the end."""
+    for key, value in limits.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"dataset.{key}={value!r} is invalid; allowed: null (all) or an "
+                              "integer >= 1")
+
+
+def check_splits(tasks: list[Task], validation: float) -> None:
+    """Every task keeps training and test samples, and a validation split it was given is not
+    empty (a tiny dataset.validation rounds to 0 samples per class; evaluating on nothing
+    divided by zero)."""
+    for t, task in enumerate(tasks):
+        if len(task.y_train) == 0:
+            raise ConfigError(f"task {t} has no training samples left (dataset.validation="
+                              f"{validation} held out all of them); allowed: a smaller "
+                              "dataset.validation")
+        if len(task.y_test) == 0:
+            raise ConfigError(f"task {t} has no test samples; check the dataset's files")
+        if task.y_val is not None and len(task.y_val) == 0:
+            fewest = int(torch.unique(task.y_train, return_counts=True)[1].min())
+            raise ConfigError(f"dataset.validation={validation} holds out no sample of task {t} "
+                              f"(its smallest class has {fewest} training samples); allowed: 0 "
+                              f"(no validation split) or a fraction >= {1 / fewest:.2g}")
+
+
 def offset_labels(tasks: list[Task]) -> None:
     """Give each task its own output units: task t's k-th class becomes label
     (classes of tasks < t) + k, in every split (in place)."""
@@ -170,6 +203,8 @@ class ContinualDataModule(pl.LightningDataModule):
         self.mean = None if mean is None else torch.tensor(list(mean)).view(1, -1, 1, 1)
         self.std = None if std is None else torch.tensor(list(std)).view(1, -1, 1, 1)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        check_limits(limit_tasks=limit_tasks, limit_train_per_task=limit_train_per_task,
+                     limit_test_per_task=limit_test_per_task)
         self.limits = (limit_tasks, limit_train_per_task, limit_test_per_task)
         self.tasks: list[Task] | None = None
         self.current = 0
@@ -193,6 +228,7 @@ class ContinualDataModule(pl.LightningDataModule):
             gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + _VALIDATION_STREAM)
             for task in tasks:
                 hold_out_validation(task, self.validation, gen)
+        check_splits(tasks, self.validation)  # before the limits, which keep at least one
         if self.separate_heads:
             offset_labels(tasks)
         self.tasks = self._limited(tasks)

@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from metacl.data.datamodule import check_limits
 from metacl.data.safe_load import UnsafeFileError, load_pickle
 from metacl.data.sources import _first_line, _root, facts_of, load_bundled, with_facts
 from metacl.errors import ConfigError, DataNotFoundError
@@ -586,6 +587,8 @@ class EpisodicDataModule(pl.LightningDataModule):
         for name in ("ways", "shots", "query", "train_ways", "train_shots", "train_query"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"dataset.{name}={getattr(self, name)} must be at least 1")
+        check_limits(limit_tasks=limit_tasks, limit_train_per_task=limit_train_per_task,
+                     limit_test_per_task=limit_test_per_task)
         if limit_tasks:
             meta_batches_per_epoch = min(int(meta_batches_per_epoch), int(limit_tasks))
         if limit_test_per_task:

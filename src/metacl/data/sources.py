@@ -15,8 +15,10 @@ import gzip
 import hashlib
 import importlib.resources
 import logging
+import math
 import os
 import pickle
+import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -173,6 +175,52 @@ def _mnist_present(root: Path) -> bool:
     return legacy or all((raw / f).is_file() for f in _MNIST_RAW_FILES)
 
 
+# idx format: magic 0x00 0x00 0x08 (uint8) <ndim>, then ndim big-endian uint32 sizes, then data.
+_MNIST_IDX_SHAPES = {"images": (28, 28), "labels": ()}
+
+
+def _idx_problem(path: Path, inner: tuple[int, ...]) -> tuple[str | None, int]:
+    """What is wrong with one raw MNIST idx file (None if nothing) and its number of items."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4 + 4 * (1 + len(inner)))
+    if size == 0:
+        return "is empty (0 bytes)", 0
+    ndim = 1 + len(inner)
+    if len(head) < 4 or head[:3] != b"\x00\x00\x08" or head[3] != ndim:
+        return (f"is not an MNIST idx file (magic {head[:4].hex() or 'missing'}, expected "
+                f"0000080{ndim})"), 0
+    if len(head) < 4 + 4 * ndim:
+        return f"is truncated ({size} bytes, shorter than its header)", 0
+    dims = struct.unpack(f">{ndim}I", head[4:])
+    if tuple(dims[1:]) != inner:
+        return f"holds items of shape {tuple(dims[1:])}, expected {inner}", 0
+    expected = 4 + 4 * ndim + math.prod(dims)
+    if size != expected:
+        state = "truncated" if size < expected else "longer than its header says"
+        return (f"is {state} ({size} bytes; its header's {'x'.join(map(str, dims))} needs "
+                f"{expected})"), 0
+    return None, dims[0]
+
+
+def _check_mnist_raw(raw: Path) -> None:
+    """The four raw files are whole idx files of matching lengths (torchvision would fail on
+    them with an assertion or a reshape error)."""
+    counts = {}
+    for name in _MNIST_RAW_FILES:
+        kind = "images" if "images" in name else "labels"
+        problem, counts[name] = _idx_problem(raw / name, _MNIST_IDX_SHAPES[kind])
+        if problem:
+            raise DataNotFoundError(f"MNIST file {raw / name} {problem}; delete it and pass "
+                                    "dataset.source.download=true, or unzip it again")
+    for split in ("train", "t10k"):
+        images, labels = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
+        if counts[images] != counts[labels]:
+            raise DataNotFoundError(f"MNIST files {raw / labels} ({counts[labels]} labels) and "
+                                    f"{images} ({counts[images]} images) do not match; delete "
+                                    "them and pass dataset.source.download=true")
+
+
 def _torchvision_mnist(root: Path, train: bool) -> datasets.MNIST:
     try:
         return datasets.MNIST(root, train=train)
@@ -206,6 +254,9 @@ def load_mnist(*, data_dir: PathLike, download: bool = False) -> ImageSplit:
             f"MNIST not found: put the unzipped files {', '.join(missing)} in {raw}/ "
             "or pass dataset.source.download=true"
         )
+    processed = root / "MNIST" / "processed"
+    if not all((processed / f).is_file() for f in ("training.pt", "test.pt")):
+        _check_mnist_raw(raw)  # torchvision reads the raw files only without the legacy ones
     train = _torchvision_mnist(root, train=True)
     test = _torchvision_mnist(root, train=False)
     return ImageSplit(

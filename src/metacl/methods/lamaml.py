@@ -58,6 +58,10 @@ from metacl.errors import ConfigError
 from metacl.memory import ReservoirBuffer
 from metacl.methods.base import ContinualMethod
 from metacl.methods.lamaml_mlp import MLPGlance
+
+# Dropout under vmap: each stacked fast-weight set draws its own masks, as the loop over them
+# (vectorize=false) does; models without random operations are unaffected.
+VMAP_RANDOMNESS = "different"
 from metacl.models.backbones import MLP
 
 
@@ -382,7 +386,7 @@ class LaMAML(ContinualMethod):
             losses = [self.loss(self.backbone(bx, fast), by, bt) for fast in trajectory]
             return torch.stack(losses).mean()
         stacked = [torch.stack(ps) for ps in zip(*trajectory)]
-        logits = vmap(lambda ps: self.backbone(bx, ps))(stacked)
+        logits = vmap(lambda ps: self.backbone(bx, ps), randomness=VMAP_RANDOMNESS)(stacked)
         k = len(trajectory)
         return self.loss(logits.flatten(0, 1), by.repeat(k), bt.repeat(k))
 
@@ -423,16 +427,20 @@ class LaMAML(ContinualMethod):
         """
         params = [p.detach() for p in self.backbone.parameters()]
         stacked = [p.expand(2, *p.shape).clone().requires_grad_() for p in params]
-        x = torch.ones(2, *self.task_info.input_shape, device=params[0].device)  # no RNG use
+        x = torch.ones(2, *self.task_info.input_shape, device=params[0].device)
+        training = self.backbone.training
+        self.backbone.eval()  # dropout off: the probe draws no random numbers
         try:
             with torch.enable_grad():
-                out = vmap(lambda ps: self.backbone(x, ps))(stacked)
+                out = vmap(lambda ps: self.backbone(x, ps), randomness=VMAP_RANDOMNESS)(stacked)
                 grads = torch.autograd.grad(out.square().sum(), stacked)
         except RuntimeError as err:
+            self.backbone.train(training)
             raise ConfigError(
                 f"method.vectorize=true evaluates {type(self.backbone).__name__} under "
                 f"torch.func.vmap, which failed ({err}); set method.vectorize=false (e.g. "
                 "ResNet18 with batch-norm running statistics)") from err
+        self.backbone.train(training)
         orders = [tuple(sorted(range(p.dim()), key=lambda d, g=g: -g.stride(d + 1)))
                   for p, g in zip(params, grads)]
         return FlatParams(params, orders)
@@ -461,7 +469,8 @@ class LaMAML(ContinualMethod):
         with torch.enable_grad():
             if meta_every_step and ws.k > 1:
                 stacked = ws.all_leaves
-                logits = vmap(lambda ps: self.backbone(bx, ps))(stacked)
+                logits = vmap(lambda ps: self.backbone(bx, ps),
+                              randomness=VMAP_RANDOMNESS)(stacked)
                 meta_loss = self.loss(logits.flatten(0, 1), by.repeat(ws.k), bt.repeat(ws.k))
                 G = torch.autograd.grad(meta_loss, stacked)  # G[i][k] = dL/d(w_k)_i
             else:  # a single fast weight set (La-ER, or K = 1): no vmap needed

@@ -89,9 +89,11 @@ class Session:
     # ------------------------------------------------------------------ endings
     def fail(self, err: BaseException, summary: dict) -> None:
         """Record why the run stopped, save the record and close the logger."""
+        if isinstance(err, Interrupted):
+            err.saved = self.save_checkpoints
         self.record.mark_stopped(err)
         self.record.save()
-        if isinstance(err, Interrupted):
+        if isinstance(err, Interrupted) and err.saved:
             console.print(f"checkpoint saved; resume with: python train.py <same overrides> "
                           f"resume={self.out_dir}", soft_wrap=True)
         try:
