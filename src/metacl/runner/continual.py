@@ -170,6 +170,9 @@ class ContinualLoop:
         checkpoint.restore(self.method, step_state)
         self.step = int(step_state["step"])
         self.record.timing["train_seconds"] = float(step_state["train_seconds"])
+        # The boundary's total predates the training the step checkpoint holds.
+        self.record.elapsed_before = max(self.record.elapsed_before,
+                                         float(step_state["train_seconds"]))
         self.in_task.base["train_seconds"] = self.record.timing["train_seconds"]
         return step_state["position"]
 
