@@ -25,16 +25,19 @@ EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix(""))
                      for p in (CONF / "experiment").rglob("*.yaml"))
 
 # A few evaluation samples/episodes: the point is that the file runs.
-TINY = ["debug=fast", "dataset.limit_test_per_task=4"]
-# Per source: continual streams get one batch per task; the lookalike CIFAR files have their own
-# checksums; Omniglot's has far fewer characters than the real 1623 (1100/100/423); episodic
-# sources keep 20 images per class (shots + queries).
-CONTINUAL = ["dataset.limit_train_per_task=10"]
+TINY = ["debug=fast", "dataset.limit_test_per_task=2"]
+# Per source: continual streams get one small batch per task, episodic ones one meta-batch;
+# the lookalike CIFAR files have their own checksums; Omniglot's has far fewer characters than
+# the real 1623 (1100/100/423); episodic sources keep 20 images per class (shots + queries).
+CONTINUAL = ["dataset.limit_train_per_task=5"]
+EPISODIC = ["dataset.limit_tasks=1"]  # one meta-batch
 CIFAR = [*CONTINUAL, "dataset.source.verify_md5=false"]
-# Keyed by the source's loader (`_target_` metacl.data.<module>.load_<name>).
+# Keyed by the source's loader (`_target_` metacl.data.<module>.load_<name>, Sinusoid).
 DATA_OVERRIDES = {"cifar10": CIFAR, "cifar100": CIFAR, "cifar10_100": CIFAR,
                   "bundled": CONTINUAL, "mnist": CONTINUAL, "tinyimagenet": CONTINUAL,
-                  "omniglot": ["dataset.source.class_split=[5,5,5]"]}
+                  "omniglot": [*EPISODIC, "dataset.source.class_split=[5,5,5]"],
+                  "miniimagenet": EPISODIC, "digits_fewshot": EPISODIC, "sinusoid": EPISODIC,
+                  "Sinusoid": EPISODIC}
 
 
 def _source_name(cfg) -> str:

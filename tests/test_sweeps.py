@@ -213,7 +213,7 @@ def test_submitit_local_two_job_sweep_runs_end_to_end(submitit_sweep):
     assert "1 of 2 jobs completed" in out.stderr
     assert list((sweep / ".submitit").rglob("*_log.out"))  # really went through submitit
     done, diverged = _jobs(sweep)
-    assert "method.lr=0.1," in done.name and "method.lr=1e30," in diverged.name
+    assert "method.lr=0.1," in done.name and "method.lr=1e+30," in diverged.name  # Hydra: 1e+30
     results = json.loads((done / "results.json").read_text())
     assert results["status"] == "completed" and len(results["accuracy_matrix"]) == 2
     assert results["config"]["hydra"]["job_num"] == 0
@@ -234,7 +234,7 @@ def test_wandb_offline_writes_one_run_per_job_with_the_matrix_table(submitit_swe
     runs = [_wandb_run(done), _wandb_run(diverged)]
     assert runs[0].name != runs[1].name  # one run per job
     group = f"debug-{sweep.name}"  # the sweep is the W&B group
-    for lr, run_dir in zip(("0.1", "1e30"), runs):
+    for lr, run_dir in zip(("0.1", "1e+30"), runs):
         (log,) = run_dir.glob("run-*.wandb")
         data = log.read_bytes()
         assert group.encode() in data
@@ -262,7 +262,7 @@ def test_report_over_the_sweep_lists_the_diverged_job(submitit_sweep, tmp_path):
     report = build_report([sweep], tmp_path / "report", plots=False)
     assert len(report.cells) == 1 and len(report.cells[0].runs) == 1
     assert len(report.failed) == 1
-    (failed_line,) = [line for line in report.markdown.splitlines() if "method.lr=1e30" in line]
+    (failed_line,) = [line for line in report.markdown.splitlines() if "method.lr=1e+30" in line]
     assert "mnist_rotations/er" in failed_line
 
 
