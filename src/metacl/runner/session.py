@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -30,6 +31,9 @@ from metacl.runner.record import RunRecord
 from metacl.runner.trainer import build_trainer, run_device
 
 log = logging.getLogger(__name__)
+# A method's self.log is flushed every log_every_n_steps batches and at the end of each fit;
+# short debug tasks need no warning about it.
+warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
 # soft_wrap: messages and paths are never broken at 80 columns when stderr is a file, a pipe
 # (tee) or a SLURM log; a terminal still wraps them itself.
 console = Console(stderr=True, soft_wrap=True)
