@@ -26,6 +26,7 @@ from metacl.errors import ConfigError
 from metacl.loggers import LightningBridge
 from metacl.runner.callbacks import StreamCallback
 from metacl.runner.cpu import configure_cpu
+from metacl.runner.extras import apply_extras
 from metacl.runner.job import job_info, resolved_config
 from metacl.runner.record import RunRecord
 from metacl.runner.trainer import build_trainer, run_device
@@ -84,6 +85,7 @@ class Session:
         self.save_checkpoints = bool(cfg.get("save_checkpoints", True))
         self.checkpoint_every = int(cfg.get("checkpoint", {}).get("every_n_steps", 0) or 0)
         self.callbacks = user_callbacks(cfg)
+        apply_extras(cfg, console)
 
     @property
     def name(self) -> str:

@@ -15,7 +15,8 @@ from metacl.errors import ConfigError
 
 # Keys of cfg.trainer that are passed to pl.Trainer as they are.
 SUPPORTED = ("accelerator", "devices", "max_epochs", "precision", "deterministic",
-             "inference_mode", "benchmark", "detect_anomaly", "profiler", "default_root_dir")
+             "inference_mode", "benchmark", "detect_anomaly", "profiler", "default_root_dir",
+             "log_every_n_steps")
 # Keys the runner sets itself, and where to change what they do instead.
 OWNED = {
     "callbacks": "add Lightning callbacks with the `callbacks` group (callbacks=lr_monitor or "
