@@ -6,6 +6,8 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+# Runs started by tests write outputs/ under their own (temporary) folder, not the project's.
+os.environ.setdefault("METACL_ROOT_DIR", ".")
 # Tiny tensors: one intra-op thread is faster than two cores waiting on each other.
 torch.set_num_threads(1)
 

@@ -5,6 +5,7 @@ unwrapped output in logs, and the debug variants (overfit, profile, limit)."""
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -118,3 +119,19 @@ def test_debug_limit_shrinks_the_data_and_keeps_the_trainer_and_logger(compose):
     assert cfg.dataset.limit_tasks == 3 and cfg.dataset.limit_train_per_task == 200
     assert cfg.logger._target_.endswith("WandbRunLogger")
     assert cfg.trainer.accelerator == compose([]).trainer.accelerator
+
+
+def test_outputs_go_under_the_project_wherever_the_command_starts(tmp_path, monkeypatch):
+    from metacl.resolvers import project_root
+
+    monkeypatch.delenv("METACL_ROOT_DIR", raising=False)
+    assert project_root() == str(ROOT)
+    elsewhere, root = tmp_path / "elsewhere", tmp_path / "root"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "METACL_ROOT_DIR"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "logger=none",
+                           f"paths.root_dir={root}"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((root / "outputs" / "debug" / "runs").glob("*/results.json"))) == 1
+    assert not list(elsewhere.iterdir())
