@@ -66,11 +66,12 @@ def sweep(tmp_path):
 
 
 def test_t_quantiles_and_mean_ci():
-    assert t95(1) == pytest.approx(12.706) and t95(2) == pytest.approx(4.303)
-    assert t95(100) == pytest.approx(2.0) and t95(10_000) == pytest.approx(1.96)
+    assert t95(1) == pytest.approx(12.706, abs=1e-3) and t95(2) == pytest.approx(4.303, abs=1e-3)
+    assert t95(100) == pytest.approx(1.984, abs=1e-3)  # exact, not a table's next lower df
+    assert t95(10_000) == pytest.approx(1.960, abs=1e-3)
     mean, ci, n = mean_ci([50.0, 52.0, 54.0])
     assert (mean, n) == (52.0, 3)
-    assert ci == pytest.approx(4.303 * 2.0 / math.sqrt(3))
+    assert ci == pytest.approx(4.303 * 2.0 / math.sqrt(3), abs=1e-3)
     assert mean_ci([61.0]) == (61.0, None, 1)
     assert mean_ci([1.0, float("nan"), 3.0])[2] == 2  # NaN never enters a mean
 
