@@ -86,10 +86,11 @@ def test_report_groups_by_distinguishing_settings_and_averages_seeds(sweep, tmp_
     assert len(low.runs) == 3 and low.seeds == ["0", "1", "2"]
     mean, ci, n = low.stats["RA"]
     assert mean == pytest.approx(52.0) and n == 3
-    assert ci == pytest.approx(4.303 * 2.0 / math.sqrt(3), rel=1e-6)
+    assert ci == pytest.approx(4.303 * 2.0 / math.sqrt(3), abs=1e-3)
     high = cells[("cifar100", "er", "method.lr=0.1")]
     assert high.stats["RA"][0] == pytest.approx(42.0)
-    assert high.stats["RA"][1] == pytest.approx(12.706 * np.std([40, 44], ddof=1) / math.sqrt(2))
+    assert high.stats["RA"][1] == pytest.approx(12.706 * np.std([40, 44], ddof=1) / math.sqrt(2),
+                                                abs=1e-2)
     assert set(low.stats) == {"RA", "BTI", "ACC", "BWT", "FWT", "forgetting"}
     assert report.columns == ["RA", "BTI", "ACC", "BWT", "FWT", "forgetting"]
     # data_dir and the seeds differ between runs but never split a cell
