@@ -6,7 +6,7 @@ import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: before torch is imported
 
-from metacl.evaluate import main  # noqa: E402
+from metacl.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

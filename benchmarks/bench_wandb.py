@@ -41,7 +41,7 @@ def one_run(logger: str, overrides: list[str], work: Path) -> dict:
     started, cpu_before = time.perf_counter(), _children_cpu()
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"logger={logger}",
                            f"hydra.run.dir={out}", *overrides], cwd=work, env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     wall, cpu = time.perf_counter() - started, _children_cpu() - cpu_before
     if proc.returncode != 0:
         raise SystemExit(f"{logger} run failed:\n{proc.stderr[-3000:]}")

@@ -42,5 +42,5 @@ def test_eval_command_line_and_its_refusals(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         evaluate_run(tmp_path)
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py")], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=120)
+                          text=True, cwd=tmp_path, timeout=120, check=False)
     assert proc.returncode == 2 and "python eval.py run=<run folder>" in proc.stderr

@@ -116,7 +116,7 @@ def git_state(root: Path = PROJECT_ROOT) -> dict:
     """The checkout's commit and whether tracked files differ from it (None outside git)."""
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                              timeout=10)
+                              timeout=10, check=False)
 
     try:
         head = git("rev-parse", "HEAD")
@@ -217,7 +217,7 @@ def _init_run(kwargs: dict, mode: str):
     settings = wandb.Settings(silent=mode != "online", init_timeout=60)
     try:
         return wandb.init(**kwargs, mode=mode, settings=settings), mode
-    except Exception as err:  # noqa: BLE001  (wandb raises many kinds; the run must go on)
+    except Exception as err:  # wandb raises many kinds; the run must go on
         if mode != "online":
             raise
         print(f"W&B: the server failed ({type(err).__name__}: {str(err)[:120]}); "
@@ -250,11 +250,11 @@ class WandbRunLogger(NullRunLogger):
     def start(self, config, output_dir, name, group, tags=None, job_type=None, run_id=None):
         self.run_id = run_id or new_run_id()
         all_tags = list(dict.fromkeys([*self.tags, *(tags or [])]))  # ordered, no repeats
-        kwargs = dict(
-            project=self.project, entity=self.entity, name=name, id=self.run_id,
-            resume="allow", group=self.group or group, job_type=self.job_type or job_type,
-            tags=[str(t)[:64] for t in all_tags], config={**config, "git": git_state()},
-            dir=output_dir)
+        kwargs = {
+            "project": self.project, "entity": self.entity, "name": name, "id": self.run_id,
+            "resume": "allow", "group": self.group or group,
+            "job_type": self.job_type or job_type, "tags": [str(t)[:64] for t in all_tags],
+            "config": {**config, "git": git_state()}, "dir": output_dir}
         self._thread = threading.Thread(target=self._start, args=(kwargs,), daemon=True,
                                         name="wandb-init")
         self._thread.start()
