@@ -113,6 +113,9 @@ def test_a_resumed_run_goes_on_in_the_same_wandb_run(compose, tmp_path, offline,
     assert of_type(stopped, "exit")[-1]["exit_code"] == 128 + signal.SIGTERM
     assert summary(stopped)["status"] == "interrupted"
     assert of_type(resumed, "exit")[-1]["exit_code"] == 0
+    # W&B's step is the run's batch step: the resumed part's rows come after the first's
+    steps = [[h["step"]["num"] for h in of_type(part, "history")] for part in (stopped, resumed)]
+    assert steps[0] and steps[1] and max(steps[0]) < min(steps[1])
     assert summary(resumed)["status"] == "completed"
     assert not of_type(resumed, "preempting")
 

@@ -282,13 +282,16 @@ class WandbRunLogger(NullRunLogger):
                       file=sys.stderr)
         return self.run
 
+    # W&B's own step is the run's cumulative batch step, which a resume continues: the rows of
+    # a resumed run (and of its offline parts, synced one after the other) never go back.
     def log_metrics(self, metrics, step):
         if self._ready() is not None:
-            self.run.log({**metrics, "trainer/global_step": step})
+            self.run.log({**metrics, "trainer/global_step": step}, step=step)
 
     def log_task(self, task, row, metrics, step):
         if self._ready() is not None:
-            self.run.log({**_row_metrics(task, row, metrics), "trainer/global_step": step})
+            self.run.log({**_row_metrics(task, row, metrics), "trainer/global_step": step},
+                         step=step)
 
     def log_matrix(self, matrix, png_path, step, name="accuracy_matrix"):
         """The matrix as a long table (after_task, task, accuracy) and, once, its heatmap."""
@@ -301,7 +304,7 @@ class WandbRunLogger(NullRunLogger):
                   "trainer/global_step": step}
         if png_path and os.path.exists(png_path):
             values[f"{name}_heatmap"] = wandb.Image(png_path)
-        self.run.log(values)
+        self.run.log(values, step=step)
 
     def finish(self, summary, status, files=(), exit_code=None, model=None):
         """Summary and artifacts, then wandb.finish. An interrupted run is marked preempting
