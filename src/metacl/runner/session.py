@@ -153,8 +153,7 @@ class Session:
                 f"resume={self.out_dir}")
         status = self.record.data["status"]
         try:
-            self.logger.finish(summary, "interrupted" if status == "interrupted" else status,
-                               files=[str(self.record.path)],
+            self.logger.finish(summary, status, files=[str(self.record.path)],
                                exit_code=getattr(err, "exit_code", 255 if status ==
                                                  "interrupted" else 1))
         except Exception as log_err:  # noqa: BLE001  (never hide the real error behind it)
