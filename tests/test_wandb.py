@@ -219,3 +219,21 @@ def test_one_sync_hint_that_works_as_printed_and_no_wandb_online(tmp_path):
                            capture_output=True, text=True, timeout=120, check=False)
     assert check.returncode == 0, check.stderr
     assert "Would sync 1 run" in check.stdout + check.stderr
+
+
+def test_prewarm_starts_wandb_only_for_a_wandb_logger_that_is_not_disabled(monkeypatch,
+                                                                           offline):
+    from omegaconf import OmegaConf
+
+    monkeypatch.setattr(loggers, "_prewarm", None)
+    loggers.prewarm(OmegaConf.create({"_target_": "metacl.loggers.NullRunLogger"}))
+    assert loggers._prewarm is None
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    loggers.prewarm(OmegaConf.create({"_target_": "metacl.loggers.WandbRunLogger"}))
+    assert loggers._prewarm is None
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    loggers.prewarm(OmegaConf.create({"_target_": "metacl.loggers.WandbRunLogger",
+                                      "mode": "auto"}))
+    assert loggers._prewarm is not None
+    loggers._prewarm.join(timeout=60)
+    assert not loggers._prewarm.is_alive() and "wandb" in sys.modules

@@ -23,7 +23,7 @@ from rich.console import Console
 from metacl import checkpoint
 from metacl.checkpoint import Interrupted, StopSignals
 from metacl.errors import ConfigError
-from metacl.loggers import LightningBridge
+from metacl.loggers import LightningBridge, prewarm
 from metacl.runner.callbacks import StreamCallback
 from metacl.runner.cpu import configure_cpu
 from metacl.runner.extras import apply_extras
@@ -85,6 +85,7 @@ class Session:
         self.save_checkpoints = bool(cfg.get("save_checkpoints", True))
         self.checkpoint_every = int(cfg.get("checkpoint", {}).get("every_n_steps", 0) or 0)
         self.callbacks = user_callbacks(cfg)
+        prewarm(cfg.get("logger"))  # W&B's import and service start overlap the data build
         apply_extras(cfg, console)
 
     @property
