@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install train test test-gpu test-slurm bench lint clean distclean
+.PHONY: install train test test-gpu test-slurm bench bench-wandb lint clean distclean
 
 # (Re)install when pyproject.toml changes; torch/torchvision come from the machine's wheels.
 $(STAMP): pyproject.toml
@@ -38,6 +38,10 @@ test-slurm: $(STAMP)
 bench: $(STAMP)
 	WANDB_MODE=disabled $(PY) benchmarks/bench_default.py $(ARGS)
 	$(PY) benchmarks/bench_maml.py
+
+# What W&B (offline) adds to a run, beside logger=none, in fresh processes (ARGS="method=er")
+bench-wandb: $(STAMP)
+	$(PY) benchmarks/bench_wandb.py $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks train.py

@@ -66,11 +66,12 @@ def sweep(tmp_path):
 
 
 def test_t_quantiles_and_mean_ci():
-    assert t95(1) == pytest.approx(12.706) and t95(2) == pytest.approx(4.303)
-    assert t95(100) == pytest.approx(2.0) and t95(10_000) == pytest.approx(1.96)
+    assert t95(1) == pytest.approx(12.706, abs=1e-3) and t95(2) == pytest.approx(4.303, abs=1e-3)
+    assert t95(100) == pytest.approx(1.984, abs=1e-3)  # exact, not a table's next lower df
+    assert t95(10_000) == pytest.approx(1.960, abs=1e-3)
     mean, ci, n = mean_ci([50.0, 52.0, 54.0])
     assert (mean, n) == (52.0, 3)
-    assert ci == pytest.approx(4.303 * 2.0 / math.sqrt(3))
+    assert ci == pytest.approx(4.303 * 2.0 / math.sqrt(3), abs=1e-3)
     assert mean_ci([61.0]) == (61.0, None, 1)
     assert mean_ci([1.0, float("nan"), 3.0])[2] == 2  # NaN never enters a mean
 
@@ -85,10 +86,11 @@ def test_report_groups_by_distinguishing_settings_and_averages_seeds(sweep, tmp_
     assert len(low.runs) == 3 and low.seeds == ["0", "1", "2"]
     mean, ci, n = low.stats["RA"]
     assert mean == pytest.approx(52.0) and n == 3
-    assert ci == pytest.approx(4.303 * 2.0 / math.sqrt(3), rel=1e-6)
+    assert ci == pytest.approx(4.303 * 2.0 / math.sqrt(3), abs=1e-3)
     high = cells[("cifar100", "er", "method.lr=0.1")]
     assert high.stats["RA"][0] == pytest.approx(42.0)
-    assert high.stats["RA"][1] == pytest.approx(12.706 * np.std([40, 44], ddof=1) / math.sqrt(2))
+    assert high.stats["RA"][1] == pytest.approx(12.706 * np.std([40, 44], ddof=1) / math.sqrt(2),
+                                                abs=1e-2)
     assert set(low.stats) == {"RA", "BTI", "ACC", "BWT", "FWT", "forgetting"}
     assert report.columns == ["RA", "BTI", "ACC", "BWT", "FWT", "forgetting"]
     # data_dir and the seeds differ between runs but never split a cell

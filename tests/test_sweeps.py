@@ -229,29 +229,36 @@ def _wandb_run(job: Path) -> Path:
 
 
 def test_wandb_offline_writes_one_run_per_job_with_the_matrix_table(submitit_sweep):
+    from .wandb_files import of_type, records
+
     _, sweep = submitit_sweep
     done, diverged = _jobs(sweep)
     runs = [_wandb_run(done), _wandb_run(diverged)]
     assert runs[0].name != runs[1].name  # one run per job
-    group = f"debug-{sweep.name}"  # the sweep is the W&B group
+    groups = []
     for lr, run_dir in zip(("0.1", "1e+30"), runs):
-        (log,) = run_dir.glob("run-*.wandb")
-        data = log.read_bytes()
-        assert group.encode() in data
+        (run,) = of_type(records(run_dir), "run")
+        # the group is the configuration without its seed; the sweep is a tag
+        assert run["run_group"].startswith("er-mnist_rotations-")
+        assert f"sweep:{sweep.name}" in run["tags"] and "multirun" in run["tags"]
+        groups.append(run["run_group"])
         # the run's name comes from the overrides
-        assert b"er-mnist_rotations-seed0-dataset.limit_train_per_task=30," in data
-        assert f"method.lr={lr}".encode() in data
-        assert b"sweep" in data  # job_type
+        assert run["display_name"].startswith(
+            "er-mnist_rotations-seed0-dataset.limit_train_per_task=30,")
+        assert f"method.lr={lr}" in run["display_name"]
+        assert run["job_type"] == "er"  # the method
+        data = next(run_dir.glob("run-*.wandb")).read_bytes()
         assert f"results-{run_dir.name.rsplit('-', 1)[1]}".encode() in data  # artifact
-    # the whole matrix as a table, equal to results.json's; per-task heatmaps as images
+    assert groups[0] != groups[1]  # two learning rates: two configurations
+    # the whole matrix as a long table, equal to results.json's; one heatmap at the end
     (table,) = (runs[0] / "files" / "media" / "table").glob("accuracy_matrix_*.table.json")
     table = json.loads(table.read_text())
-    assert table["columns"] == ["after_task", "task_0", "task_1"]
+    assert table["columns"] == ["after_task", "task", "accuracy"]
     matrix = json.loads((done / "results.json").read_text())["accuracy_matrix"]
-    assert [row[0] for row in table["data"]] == [0, 1]
-    assert [row[1:] for row in table["data"]] == matrix
-    images = list((runs[0] / "files" / "media" / "images").glob("accuracy_heatmap_*.png"))
-    assert len(images) == 2  # one per task
+    assert table["data"] == [[t, u, a] for t, row in enumerate(matrix)
+                             for u, a in enumerate(row)]
+    images = list((runs[0] / "files" / "media" / "images").glob("*.png"))
+    assert len(images) == 1  # one heatmap, at the end
     assert not (runs[1] / "files" / "media" / "table").exists()  # failed: no final matrix
 
 

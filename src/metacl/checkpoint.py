@@ -46,7 +46,7 @@ STEP_FILE = "step.ckpt"
 # Keys that may change between a run and its resumption without refusing it: where things
 # are, how they are logged, how often checkpoints are taken, and the resume request itself.
 IGNORED_KEYS = ("resume", "checkpoint", "save_checkpoints", "logger", "data_dir", "paths",
-                "hydra", "dataset.source.data_dir", "dataset.source.download")
+                "hydra", "dataset.source.data_dir", "dataset.source.download", "tags", "extras")
 FINISHED = "completed"
 
 

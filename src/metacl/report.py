@@ -47,24 +47,13 @@ IGNORED_LEAVES = {"seed", "data_dir", "download", "verify_checksums", "verify_md
                   "eval_batch_size", "_partial_"}
 COMPARED_SUBTREES = ("method", "model", "dataset")
 
-# Two-sided 95% quantiles of Student's t for df = 1..30, then a few larger df.
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-_T95_LARGE = [(40, 2.021), (60, 2.000), (120, 1.980)]
-
-
 def t95(df: int) -> float:
-    """Two-sided 95% Student-t quantile (conservative: the next tabulated smaller df)."""
+    """Two-sided 95% Student-t quantile for `df` degrees of freedom (scipy.stats.t)."""
     if df < 1:
         raise ValueError("df must be >= 1")
-    if df <= len(_T95):
-        return _T95[df - 1]
-    value = _T95[-1]
-    for tabulated, quantile in _T95_LARGE:
-        if df >= tabulated:
-            value = quantile
-    return value if df < 1000 else 1.960
+    from scipy.stats import t  # imported here: the report's only use of scipy
+
+    return float(t.ppf(0.975, df))
 
 
 def mean_ci(values) -> tuple[float, float | None, int]:

@@ -3,6 +3,9 @@
 `conf/hydra/default.yaml` sets `hydra.run.dir: ${metacl.run_dir:...}`, so Hydra itself puts a
 resumed run (its log, its .hydra/ record) in the folder it continues:
 
+`outputs/` is under `paths.root_dir` (default `${metacl.project_root:}`: the checkout, wherever
+the command is started from; `METACL_ROOT_DIR` overrides it).
+
 - `resume.path` null/false: a new folder, `outputs/<task_name>/runs/<time>` (unchanged);
 - `resume.path=<dir>`: that folder;
 - `resume.path=true`: the latest folder under `outputs/<task_name>/runs/` whose recorded
@@ -15,6 +18,7 @@ Light on purpose (no torch): train.py imports it before Hydra composes the confi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -89,8 +93,22 @@ def folder_name(name) -> str:
     return f"{head}-{digest}"
 
 
+def project_root() -> str:
+    """Where outputs/ goes: $METACL_ROOT_DIR if set, else the checkout that holds train.py and
+    conf/ (so runs land in the project's outputs/ wherever the command is started from), else
+    the current folder (an installed package without a checkout)."""
+    if os.environ.get("METACL_ROOT_DIR"):
+        return os.environ["METACL_ROOT_DIR"]
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "conf" / "train.yaml").is_file():
+        return str(checkout)
+    return os.getcwd()
+
+
 def register() -> None:
     if not OmegaConf.has_resolver("metacl.run_dir"):
         OmegaConf.register_new_resolver("metacl.run_dir", run_dir)
     if not OmegaConf.has_resolver("metacl.folder_name"):
         OmegaConf.register_new_resolver("metacl.folder_name", folder_name)
+    if not OmegaConf.has_resolver("metacl.project_root"):
+        OmegaConf.register_new_resolver("metacl.project_root", project_root)

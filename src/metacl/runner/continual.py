@@ -21,7 +21,7 @@ from metacl.runner.callbacks import InTaskCheckpoints, StreamCallback, start_mid
 from metacl.runner.evaluator import Evaluator
 from metacl.runner.health import check_finite_weights, check_last_loss
 from metacl.runner.record import RunRecord
-from metacl.runner.session import Session, console
+from metacl.runner.session import Session, console, say
 
 
 def check_optimized_metric(metric: str, has_validation: bool) -> None:
@@ -62,7 +62,7 @@ class ContinualLoop:
             self.schedule.check(dm)
         session.start(RunRecord.new(session.out_dir, session.config, stream=True,
                                     multi_head=info.multi_head, validation=self.has_val,
-                                    started=session.started))
+                                    started=session.started), resume=resume)
         self.record, self.evaluator = session.record, Evaluator(dm)
         self.ckpt_dir = session.out_dir / "checkpoints"
         self.step, self.first_task = 0, 0
@@ -97,7 +97,7 @@ class ContinualLoop:
             raise
         m, timing, val = self.record.data["metrics"], self.record.timing, self.record.validation
         validation = f"  val/RA {val['metrics']['RA']:.4f}" if val else ""
-        console.print(
+        say(
             f"[bold]{session.name}[/bold]: RA {m['RA']:.4f}  BTI {m['BTI']:+.4f}{validation}  "
             f"train {timing['train_seconds']:.1f} s  total {timing['total_seconds']:.1f} s\n"
             f"results: {self.record.path}"
@@ -115,7 +115,7 @@ class ContinualLoop:
         where = (f"task {self.first_task}" if self.resume.step is None else
                  f"task {self.first_task}, batch {self.resume.step['step']}")
         diff = self.resume.config_diff
-        console.print(f"resuming {self.session.out_dir} at {where}" + (
+        say(f"resuming {self.session.out_dir} at {where}" + (
             f" (config differs at {', '.join(diff)}; resume.force=true)" if diff else ""))
 
     def evaluate_before(self) -> None:
@@ -158,6 +158,9 @@ class ContinualLoop:
             record.timing["train_seconds"] += callback.seconds
             self.progress.remove_task(bar)
             check_last_loss(method, t, self.step)
+        # This task's training seconds (a resumed task's include those before the stop).
+        per_task = record.timing.setdefault("task_train_seconds", [])
+        per_task.append(record.timing["train_seconds"] - sum(per_task))
         method.after_task(t, dm)
         check_finite_weights(method, t, self.step)
 
@@ -189,6 +192,7 @@ class ContinualLoop:
         done = data["accuracy_matrix"]
         data["metrics"] = partial_metrics(done, data["accuracy_before"])
         so_far = {f"test/{k}": v for k, v in data["metrics"].items()}
+        so_far["time/train_seconds"] = self.record.timing["task_train_seconds"][t]
         method_metrics = method.task_metrics()  # e.g. HAT's units used per layer
         if method_metrics:
             self.record.add_method_metrics(method_metrics)
@@ -199,11 +203,10 @@ class ContinualLoop:
             so_far.update({f"val/{k}": v for k, v in val["metrics"].items()})
         self.record.save()
         self.save_boundary(t + 1)
-        heatmap = None
-        if self.session.logger.wants_images:  # the matrix so far, as an image per task
-            save_matrix_heatmap(done, self.png, title=f"{self.session.name}: after task {t}")
-            heatmap = str(self.png)
-        self.session.logger.log_task(t, aware, so_far, self.step, heatmap)
+        # Numbers only: one heatmap is rendered and logged when the run ends (log_matrix).
+        self.session.logger.log_task(t, aware, so_far, self.step)
+        say(f"task {t}: RA so far {data['metrics']['RA']:.4f}  "
+            f"train {so_far['time/train_seconds']:.1f} s", show=False)
 
     # ------------------------------------------------------------------ files
     def save_boundary(self, tasks_done: int) -> None:
@@ -252,7 +255,7 @@ class ContinualLoop:
         if self.info.multi_head:
             logger.log_matrix(data["accuracy_matrix_agnostic"], None, self.step,
                               name="accuracy_matrix_agnostic")
-        logger.finish(self.summary(), "completed", files=[str(self.record.path)])
+        self.session.finish(self.summary())
 
 
 def finished_metric(cfg, results: dict) -> float:

@@ -27,7 +27,7 @@ from metacl.runner.callbacks import (
 from metacl.runner.evaluator import Evaluator
 from metacl.runner.health import check_finite_weights, check_last_loss
 from metacl.runner.record import RunRecord
-from metacl.runner.session import Session, console
+from metacl.runner.session import Session, console, say
 
 # train.yaml's default optimized_metric is the continual one; few-shot runs that leave it
 # unset return their primary metric instead (test_acc, or test_mse for regression).
@@ -103,7 +103,7 @@ class EpisodicLoop:
         self.method = session.build_method(info, episode_info=info)
         dm.meta_batch_size = self.method.meta_batch_size
         session.start(RunRecord.new(session.out_dir, session.config, stream=False,
-                                    started=session.started))
+                                    started=session.started), resume=resume)
         self.record, self.evaluator = session.record, Evaluator(dm)
         self.ckpt_path = session.out_dir / "checkpoints" / checkpoint.BOUNDARY_FILE
         self.max_epochs = int(cfg.trainer.max_epochs)
@@ -152,7 +152,7 @@ class EpisodicLoop:
         self.validation.history = list(state["validation"]["history"])
         self.validation.last = dict(state["validation"]["last"])
         diff = self.resume.config_diff
-        console.print(f"resuming {self.session.out_dir} at epoch {self.position['epoch']}, "
+        say(f"resuming {self.session.out_dir} at epoch {self.position['epoch']}, "
                       f"meta-batch {self.position['batch']}" + (
                           f" (config differs at {', '.join(diff)}; resume.force=true)"
                           if diff else ""))
@@ -197,18 +197,16 @@ class EpisodicLoop:
             session.logger.log_metrics({f"fewshot/test_{stem}_step_{k}": v for k, v in
                                         enumerate(metrics[f"test_{stem}_per_step"])},
                                        self.stream.step)
-            session.logger.finish({k: v for k, v in metrics.items()
-                                   if not isinstance(v, list)}, "completed",
-                                  files=[record.path])
+            session.finish({k: v for k, v in metrics.items() if not isinstance(v, list)})
         except BaseException as err:
             record.timing["train_seconds"] = self.train_seconds()
             session.fail(err, record.data["metrics"] or {})
             raise
         timing, per_step = record.timing, metrics[f"test_{stem}_per_step"]
-        console.print(
+        say(
             f"[bold]{session.name}[/bold]: test_{stem} {metrics[f'test_{stem}']:.4f} ± "
             f"{metrics[f'test_{stem}_ci95']:.4f} ({self.dm.describe()}, "
             f"{metrics['test_episodes']} episodes; step 0 {per_step[0]:.4f})  "
             f"train {timing['train_seconds']:.1f} s  total {timing['total_seconds']:.1f} s\n"
-            f"results: {record.path}", soft_wrap=True)
+            f"results: {record.path}")
         return metrics[self.metric]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +17,7 @@ class JobInfo:
 
     name: str
     group: str | None = None
-    job_type: str = "train"
+    job_type: str | None = None  # the method (W&B job_type)
     tags: list[str] = field(default_factory=list)
     multirun: bool = False
     hydra: dict = field(default_factory=dict)  # choices, overrides, job_num, sweep_dir
@@ -25,19 +27,42 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+# Keys that say where a run goes, how it is logged or resumed, or which seed it draws: runs
+# that differ only in them are one configuration (one W&B group).
+NOT_CONFIGURATION = ("seed", "resume", "checkpoint", "save_checkpoints", "logger", "data_dir",
+                     "paths", "tags", "extras", "callbacks", "threads", "cpu_allocator")
+
+
+def config_group(cfg: DictConfig, method: str | None, dataset: str | None) -> str:
+    """`<method>-<dataset>-<hash>`: the same for every seed of one configuration (the hash is
+    over the unresolved config without NOT_CONFIGURATION, so `${seed}` stays a reference)."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    for key in NOT_CONFIGURATION:
+        raw.pop(key, None)
+    digest = hashlib.sha1(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+    if method is None and OmegaConf.select(cfg, "method._target_"):
+        method = str(cfg.method._target_).rsplit(".", 1)[-1].lower()
+    return "-".join(str(p) for p in (method, dataset) if p)[:110] + f"-{digest[:8]}"
+
+
 def job_info(cfg: DictConfig) -> JobInfo:
-    """Name the job from its overrides; in a multirun, its sweep is the W&B group.
+    """Name the job from its overrides; its W&B group is its configuration without the seed.
 
     name: `<method>-<dataset>-seed<seed>[-<other overrides>]` (the keys Hydra's output folder
-    names also leave out are left out here); group: `<task_name>-<sweep folder>`.
+    names also leave out are left out here); group: config_group; job_type: the method; tags:
+    method, dataset, search, `multirun` and `sweep:<sweep folder>` in a multirun, the
+    top-level `tags`.
     """
+    user_tags = [str(t) for t in (cfg.get("tags") or [])]
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
     except ValueError:  # composed without Hydra's runtime (tests, notebooks)
-        return JobInfo(name=f"run-seed{cfg.seed}")
+        group = config_group(cfg, None, None)
+        return JobInfo(name=f"run-seed{cfg.seed}", group=group,
+                       job_type=group.rsplit("-", 1)[0] or None, tags=user_tags)
     choices = {k: v for k, v in hc.runtime.choices.items()
                if k != "hydra" and not str(k).startswith("hydra/")}
     method, dataset = choices.get("method"), choices.get("dataset")
@@ -50,14 +75,13 @@ def job_info(cfg: DictConfig) -> JobInfo:
     multirun = hc.mode == RunMode.MULTIRUN
     info = {"choices": choices, "overrides": overrides,
             "mode": "MULTIRUN" if multirun else "RUN"}
-    group = None
+    tags = [*user_tags, *(str(t) for t in (method, dataset, search) if t)]
     if multirun:
         info.update(job_num=int(hc.job.num), sweep_dir=str(hc.sweep.dir))
-        group = f"{cfg.get('task_name', 'train')}-{Path(str(hc.sweep.dir)).name}"
+        tags += ["multirun", f"sweep:{Path(str(hc.sweep.dir)).name}"]
     return JobInfo(
-        name=name[:128], group=group,
-        job_type="hparams_search" if search else ("sweep" if multirun else "train"),
-        tags=[str(t) for t in (method, dataset, search) if t], multirun=multirun, hydra=info,
+        name=name[:128], group=config_group(cfg, method, dataset), job_type=method,
+        tags=list(dict.fromkeys(tags)), multirun=multirun, hydra=info,
     )
 
 

@@ -5,11 +5,12 @@
     accuracy_matrix_agnostic   the same over the classes seen so far (class splits, else null)
     accuracy_before            b[u], the row before any training (continual)
     metrics                    RA, BTI, ... (continual) or test_acc, ... (few-shot)
-    timing                     train_seconds, total_seconds
+    timing                     train_seconds, total_seconds, task_train_seconds (one per task)
     status                     running | completed | interrupted | diverged | failed: ...
     error                      the one-line reason, when not completed
     validation                 {accuracy_matrix, accuracy_before, metrics} with a validation split
     method_metrics             one dict per task, for methods that report their own statistics
+    logger                     {run_id}: the logger's run (W&B), which a resume continues
 
 It is rewritten atomically after every task (status `running`), so a stopped run still shows its
 partial matrix; `metacl.report` reads it with `RunRecord.read`.
@@ -84,6 +85,8 @@ class RunRecord:
         """Go on with a checkpointed run's record (resume): its rows, its timing."""
         stored.pop("error", None)
         stored.update(config=config, status="running")
+        if "logger" in self.data:  # the logger's run as started now (the same id, or a
+            stored["logger"] = self.data["logger"]  # new one if the run had none before)
         self.data = stored
         self.elapsed_before = float(stored["timing"]["total_seconds"])
 

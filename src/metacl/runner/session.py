@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -19,14 +20,50 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.console import Console
 
+from metacl import checkpoint
 from metacl.checkpoint import Interrupted, StopSignals
+from metacl.errors import ConfigError
+from metacl.loggers import LightningBridge, prewarm
+from metacl.runner.callbacks import StreamCallback
 from metacl.runner.cpu import configure_cpu
+from metacl.runner.extras import apply_extras
 from metacl.runner.job import job_info, resolved_config
 from metacl.runner.record import RunRecord
 from metacl.runner.trainer import build_trainer, run_device
 
 log = logging.getLogger(__name__)
-console = Console(stderr=True)
+# A method's self.log is flushed every log_every_n_steps batches and at the end of each fit;
+# short debug tasks need no warning about it.
+warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+# soft_wrap: messages and paths are never broken at 80 columns when stderr is a file, a pipe
+# (tee) or a SLURM log; a terminal still wraps them itself.
+console = Console(stderr=True, soft_wrap=True)
+
+
+def say(text: str, show: bool = True) -> None:
+    """A run message: in the job's log file (train.log) and, if `show`, on the console."""
+    if show:
+        console.print(text)
+    log.info(Console(width=10_000, markup=True).render_str(text).plain)
+
+
+def user_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The `callbacks` group: one Lightning callback per entry with a `_target_`
+    (`callbacks=lr_monitor`, `+callbacks.mine._target_=pkg.MyCallback`), built once per job
+    and added to every task's Trainer after the runner's own."""
+    built = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        try:
+            callback = instantiate(node)
+        except Exception as err:  # noqa: BLE001  (a config mistake: one line, exit 2)
+            raise ConfigError(f"callbacks.{name} could not be built: {err}") from None
+        if not isinstance(callback, pl.Callback):
+            raise ConfigError(f"callbacks.{name}: {node._target_} is not a Lightning "
+                              "Callback (pytorch_lightning.Callback)")
+        built.append(callback)
+    return built
 
 
 class Session:
@@ -47,6 +84,9 @@ class Session:
         self.logger = None
         self.save_checkpoints = bool(cfg.get("save_checkpoints", True))
         self.checkpoint_every = int(cfg.get("checkpoint", {}).get("every_n_steps", 0) or 0)
+        self.callbacks = user_callbacks(cfg)
+        prewarm(cfg.get("logger"))  # W&B's import and service start overlap the data build
+        apply_extras(cfg, console)
 
     @property
     def name(self) -> str:
@@ -63,15 +103,33 @@ class Session:
         method = instantiate(self.cfg.method, _partial_=True)(backbone=backbone, **info_kwarg)
         return self.place(method)
 
-    def start(self, record: RunRecord) -> None:
-        """Take the run's record and start its logger (one run of it per job)."""
+    def start(self, record: RunRecord, resume=None) -> None:
+        """Take the run's record and start its logger (one run of it per job). A resumed run
+        goes on in the logger's run named in its checkpoint (results.json's `logger.run_id`)."""
         self.record = record
         self.logger = instantiate(self.cfg.logger)
+        previous = {} if resume is None else resume.boundary["results"].get("logger") or {}
         self.logger.start(self.config, str(self.out_dir), self.job.name, self.job.group,
-                          tags=self.job.tags, job_type=self.job.job_type)
+                          tags=self.job.tags, job_type=self.job.job_type,
+                          run_id=previous.get("run_id"))
+        if self.logger.run_id is not None:  # saved with the record, so in every checkpoint
+            record.data["logger"] = {"run_id": self.logger.run_id}
+        say(f"{self.name}: output in {self.out_dir} (device {self.device})", show=False)
 
     def trainer(self, callbacks: list, **overrides) -> pl.Trainer:
-        return build_trainer(self.cfg.trainer, callbacks, **overrides)
+        """A fresh Trainer: the runner's callbacks, then the `callbacks` group's; its logger
+        bridges `self.log` in methods to the run's logger at the run's step."""
+        stream = next((c for c in callbacks if isinstance(c, StreamCallback)), None)
+        bridge = LightningBridge(self.logger, (lambda: stream.step) if stream else (lambda: 0))
+        return build_trainer(self.cfg.trainer, [*callbacks, *self.callbacks], logger=bridge,
+                             **overrides)
+
+    def finish(self, summary: dict) -> None:
+        """Close the logger of a completed run: the summary, results.json and (logger
+        option log_model) the final checkpoint."""
+        model = self.out_dir / "checkpoints" / checkpoint.BOUNDARY_FILE
+        self.logger.finish(summary, "completed", files=[str(self.record.path)],
+                           model=str(model) if model.exists() else None)
 
     # ------------------------------------------------------------------ Lightning calls
     def place(self, method):
@@ -94,9 +152,12 @@ class Session:
         self.record.mark_stopped(err)
         self.record.save()
         if isinstance(err, Interrupted) and err.saved:
-            console.print(f"checkpoint saved; resume with: python train.py <same overrides> "
-                          f"resume={self.out_dir}", soft_wrap=True)
+            say(f"checkpoint saved; resume with: python train.py <same overrides> "
+                f"resume={self.out_dir}")
+        status = self.record.data["status"]
         try:
-            self.logger.finish(summary, "failed", files=[str(self.record.path)])
+            self.logger.finish(summary, status, files=[str(self.record.path)],
+                               exit_code=getattr(err, "exit_code", 255 if status ==
+                                                 "interrupted" else 1))
         except Exception as log_err:  # noqa: BLE001  (never hide the real error behind it)
             log.warning("the logger could not finish: %s", log_err)

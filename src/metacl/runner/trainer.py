@@ -15,10 +15,12 @@ from metacl.errors import ConfigError
 
 # Keys of cfg.trainer that are passed to pl.Trainer as they are.
 SUPPORTED = ("accelerator", "devices", "max_epochs", "precision", "deterministic",
-             "inference_mode", "benchmark", "detect_anomaly", "profiler", "default_root_dir")
+             "inference_mode", "benchmark", "detect_anomaly", "profiler", "default_root_dir",
+             "log_every_n_steps")
 # Keys the runner sets itself, and where to change what they do instead.
 OWNED = {
-    "callbacks": "the callbacks are the runner's (a schedule goes in the `schedule` group)",
+    "callbacks": "add Lightning callbacks with the `callbacks` group (callbacks=lr_monitor or "
+                 "+callbacks.<name>._target_=pkg.MyCallback; a schedule goes in `schedule`)",
     "logger": "choose the run's logger with the `logger` group (logger=wandb|csv|none)",
     "enable_checkpointing": "checkpoints are the runner's: save_checkpoints and "
                             "checkpoint.every_n_steps",
@@ -99,10 +101,16 @@ def trainer_kwargs(trainer: DictConfig) -> dict:
         else dict(trainer)
 
 
-def build_trainer(trainer: DictConfig, callbacks: list, **overrides) -> pl.Trainer:
-    """A fresh Trainer for one fit: the user's settings plus the runner's own."""
+def build_trainer(trainer: DictConfig, callbacks: list, logger=False,
+                  **overrides) -> pl.Trainer:
+    """A fresh Trainer for one fit: the user's settings plus the runner's own. A profiler
+    given as a config with `_target_` (debug=profile) is built here, one per fit."""
     settings = {**trainer_kwargs(trainer), **overrides}
-    return pl.Trainer(**settings, logger=False, enable_checkpointing=False,
+    if isinstance(settings.get("profiler"), dict) and "_target_" in settings["profiler"]:
+        from hydra.utils import instantiate
+
+        settings["profiler"] = instantiate(settings["profiler"])
+    return pl.Trainer(**settings, logger=logger, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0, callbacks=callbacks)
 
