@@ -89,7 +89,7 @@ def test_continual_method_on_cuda_rotated_digits(compose, tmp_path, method):
 @pytest.mark.parametrize("method", CIFAR_METHODS)
 def test_continual_method_on_cuda_cifar100_lookalike(compose, tmp_path, cifar100, method):
     cfg = compose([*_cifar_experiment(method), *SMALL, *GPU, f"data_dir={cifar100}",
-                   "dataset.verify_checksums=false", "method.n_epochs=1",
+                   "dataset.source.verify_md5=false", "method.n_epochs=1",
                    f"paths.output_dir={tmp_path}"])
     try:
         run_main(cfg)
