@@ -95,10 +95,12 @@ def test_a_preempted_job_resumes_to_the_uninterrupted_matrix(interrupted):
     _assert_same_results(sweep.results(1), reference)
 
 
-# 10 tasks of 400 ER batches: 50-60 s of training on an idle core, so the job is still
-# training when SLURM's time-limit warning comes, whenever that is (below).
-LONG = ["debug=fast", "method=er", "dataset.limit_tasks=10", "dataset.samples_per_task=4000",
-        "dataset.limit_train_per_task=4000", "checkpoint.every_n_steps=50"]
+# 20 tasks of 400 ER batches, 10 glances each: ~70 s of training on an idle fast core (10
+# tasks of 5 glances took 18 s there and ended before the warning), so the job is still
+# training when SLURM's time-limit warning comes, whenever that is (below); the requeued job
+# has 10 minutes for the rest.
+LONG = ["debug=fast", "method=er", "dataset.limit_tasks=20", "dataset.samples_per_task=4000",
+        "dataset.limit_train_per_task=4000", "method.glances=10", "checkpoint.every_n_steps=50"]
 
 
 def test_a_job_at_its_time_limit_is_requeued_and_completes(tmp_path):
