@@ -31,6 +31,22 @@ class ContinualMethod(ReloadHooks, pl.LightningModule):
     # Lightning precisions (trainer.precision) under which this method's updates are correct;
     # the runner refuses the others. Add "bf16-mixed" only where a bf16 run was checked.
     precisions: tuple[str, ...] = ("32-true",)
+    # Population runs (hydra/launcher=population, metacl.population): the float
+    # hyperparameters that may differ between members trained together as one program, and
+    # the class that trains them (`population(members)`). A method without a Population class
+    # trains one run at a time.
+    population_keys: tuple[str, ...] = ()
+    population_class = None
+
+    def population_blocker(self) -> str | None:
+        """Why this built member cannot train in a population (None: it can)."""
+        from metacl.methods.population import has_random_layers
+
+        if self.population_class is None:
+            return f"{type(self).__name__} has no population implementation"
+        if has_random_layers(self.backbone):
+            return "its backbone has dropout or batch-norm running statistics"
+        return None
 
     def __init__(
         self,
@@ -193,6 +209,9 @@ class SGDMethod(ContinualMethod):
     def after_step(self) -> None:
         """Called after every optimizer step (e.g. to restore frozen weights)."""
 
+    def after_glances(self, x: Tensor, y: Tensor, t: Tensor) -> None:
+        """Called once per incoming batch after its glances (e.g. ER offers it to memory)."""
+
     def observe(self, x, y, t):
         optimizer = self.optimizers()
         for _ in range(self.glances):
@@ -201,4 +220,5 @@ class SGDMethod(ContinualMethod):
             loss = self.objective(bx, by, bt)
             self.manual_backward(loss)
             self.step(optimizer)
+        self.after_glances(x, y, t)
         return loss.detach()

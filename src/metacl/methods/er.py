@@ -11,10 +11,12 @@ import torch
 
 from metacl.memory import ReservoirBuffer
 from metacl.methods.base import SGDMethod
+from metacl.methods.population import SGDPopulation
 
 
 class ER(SGDMethod):
     precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+    population_keys, population_class = ("lr",), SGDPopulation
 
     def __init__(self, backbone, task_info, lr: float = 0.1, memories: int = 200,
                  replay_batch_size: int = 10, grad_clip_norm: float | None = 2.0, **kwargs):
@@ -26,7 +28,5 @@ class ER(SGDMethod):
         mx, my, mt = self.memory.sample(self.replay_batch_size)
         return torch.cat([x, mx]), torch.cat([y, my]), torch.cat([t, mt])
 
-    def observe(self, x, y, t):
-        loss = super().observe(x, y, t)  # glances on incoming + replayed samples
+    def after_glances(self, x, y, t):
         self.memory.add(x, y, t)
-        return loss

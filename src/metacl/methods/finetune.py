@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 
 from metacl.methods.base import SGDMethod
+from metacl.methods.population import SGDPopulation
 
 
 class Finetune(SGDMethod):
     """For each incoming batch, `glances` SGD steps on its loss (SGDMethod's loop as is)."""
     precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+    population_keys, population_class = ("lr",), SGDPopulation
 
     def __init__(self, backbone, task_info, lr: float = 0.1, grad_clip_norm: float | None = 2.0,
                  **kwargs):
@@ -27,6 +29,7 @@ class Joint(Finetune):
 class FrozenFeatures(Finetune):
     """HAT's `sgd-frozen`: plain SGD, but once `freeze_after` tasks are learned every layer
     except the output layer is frozen, so later tasks only train their own head."""
+    population_keys, population_class = (), None  # frozen layers: one run at a time
 
     def __init__(self, backbone, task_info, freeze_after: int = 1, **kwargs):
         super().__init__(backbone, task_info, **kwargs)

@@ -95,12 +95,16 @@ class ContinualLoop:
         except BaseException as err:
             session.fail(err, self.summary())
             raise
+        return self.report()
+
+    def report(self) -> float:
+        """The finished run's line; its cfg.optimized_metric."""
         m, timing, val = self.record.data["metrics"], self.record.timing, self.record.validation
         validation = f"  val/RA {val['metrics']['RA']:.4f}" if val else ""
         say(
-            f"[bold]{session.name}[/bold]: RA {m['RA']:.4f}  BTI {m['BTI']:+.4f}{validation}  "
-            f"train {timing['train_seconds']:.1f} s  total {timing['total_seconds']:.1f} s\n"
-            f"results: {self.record.path}"
+            f"[bold]{self.session.name}[/bold]: RA {m['RA']:.4f}  BTI {m['BTI']:+.4f}"
+            f"{validation}  train {timing['train_seconds']:.1f} s  "
+            f"total {timing['total_seconds']:.1f} s\nresults: {self.record.path}"
         )
         return metric_values(self.record.data)[self.metric]
 
@@ -132,14 +136,8 @@ class ContinualLoop:
     def train_task(self, t: int) -> None:
         """before_task, a fresh Trainer's fit over task t (from a stored position when
         resuming inside it), after_task."""
-        method, dm, record = self.method, self.dm, self.record
-        self.in_task.task = t
-        self.in_task.base = {"format": checkpoint.FORMAT_VERSION,
-                             "config_hash": checkpoint.config_hash(self.session.config),
-                             "train_seconds": record.timing["train_seconds"]}
-        method.before_task(t, dm)
-        position = self.resume_inside(t)
-        train_tasks = method.training_tasks(t, self.info.n_tasks)
+        method, dm = self.method, self.dm
+        train_tasks, position = self.start_task(t)
         max_epochs = int(self.session.cfg.trainer.max_epochs)
         start_epoch = 0 if position is None else int(position["epoch"])
         if train_tasks and start_epoch < max_epochs:
@@ -155,14 +153,30 @@ class ContinualLoop:
                                    len(dm.train_loader))
             self.session.fit(trainer, method, dm)
             self.step = callback.step
-            record.timing["train_seconds"] += callback.seconds
+            self.record.timing["train_seconds"] += callback.seconds
             self.progress.remove_task(bar)
             check_last_loss(method, t, self.step)
-        # This task's training seconds (a resumed task's include those before the stop).
-        per_task = record.timing.setdefault("task_train_seconds", [])
-        per_task.append(record.timing["train_seconds"] - sum(per_task))
-        method.after_task(t, dm)
-        check_finite_weights(method, t, self.step)
+        self.end_task(t)
+
+    def start_task(self, t: int) -> tuple[list[int], dict | None]:
+        """before_task; the tasks whose data task t streams, and the in-task position to
+        resume from (None: the task's start)."""
+        self.in_task.task = t
+        self.in_task.base = {"format": checkpoint.FORMAT_VERSION,
+                             "config_hash": checkpoint.config_hash(self.session.config),
+                             "train_seconds": self.record.timing["train_seconds"]}
+        self.method.before_task(t, self.dm)
+        position = self.resume_inside(t)
+        return self.method.training_tasks(t, self.info.n_tasks), position
+
+    def end_task(self, t: int) -> None:
+        """This task's training seconds (a resumed task's include those before the stop),
+        after_task, the divergence check on the weights."""
+        timing = self.record.timing
+        per_task = timing.setdefault("task_train_seconds", [])
+        per_task.append(timing["train_seconds"] - sum(per_task))
+        self.method.after_task(t, self.dm)
+        check_finite_weights(self.method, t, self.step)
 
     def resume_inside(self, t: int) -> dict | None:
         """Inside task t of a resumed run: before_task ran from the boundary as it did

@@ -79,6 +79,14 @@ def run_job(cfg: DictConfig) -> float:
 def prepare(cfg: DictConfig, out_dir: Path, started: float, lock: FolderLock):
     """Validate, plan the resume, take the folder, build the data and the loop; returns what
     runs the job (for a finished run: what returns the metric it already has)."""
+    loop = prepare_loop(cfg, out_dir, started, lock)
+    return loop.run if hasattr(loop, "run") else (lambda: loop)
+
+
+def prepare_loop(cfg: DictConfig, out_dir: Path, started: float, lock: FolderLock):
+    """Everything before the training: the job's loop, ready to run (or, for a run that is
+    already finished, the metric it has). A population (metacl.population) prepares each
+    member's loop this way and trains them together."""
     # Everything that can be checked from the config alone is checked before any data is
     # loaded and before anything is written (metacl.validate).
     protocol = validate_config(cfg)
@@ -88,8 +96,7 @@ def prepare(cfg: DictConfig, out_dir: Path, started: float, lock: FolderLock):
     if plan is not None and plan.finished:
         console.print(f"{plan.out_dir} already completed; nothing to resume. "
                       f"results: {plan.out_dir / FILE}")
-        value = finished_metric(cfg, plan.boundary["results"])
-        return lambda: value
+        return finished_metric(cfg, plan.boundary["results"])
     check_writable(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, verbose=False)
@@ -98,7 +105,7 @@ def prepare(cfg: DictConfig, out_dir: Path, started: float, lock: FolderLock):
     # before the loop writes anything.
     lock.acquire()
     write_hydra_record(out_dir, cfg)
-    return loop_class(session, dm, resume=plan).run
+    return loop_class(session, dm, resume=plan)
 
 
 def record_failed_job(cfg: DictConfig, job: JobInfo, err: Exception) -> float:

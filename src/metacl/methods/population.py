@@ -1,0 +1,209 @@
+"""Several members of one method trained as one program (hydra/launcher=population).
+
+A population is N runs of one method that differ only in their seed and in the float
+hyperparameters the method lists in `population_keys` (docs/sweeps.md, "Population runs").
+Every member stays a full method object with its own memory, class order and random state;
+a Population holds the members' trained tensors stacked along a leading member dimension and
+does the dense arithmetic of an incoming batch for all members at once. The host-side and
+random work (replay draws, shuffles, reservoir insertions) still runs member by member, each
+under its own random state (`randoms[i]`, a context manager), in the order its separate run
+does it, so every member reproduces its separate run.
+
+The contract the population loop (metacl.population.loop) relies on::
+
+    pop = Method.population_class(members)      # reads the members' state
+    losses = pop.observe(batches, randoms, epoch)   # one incoming batch each; (N,) losses
+    pop.write_back()                            # stacked state -> the members' own tensors
+
+`batches[i]` may be None (member i has no batch at this step: its task is shorter); members
+whose batches differ in shape are computed in separate sub-stacks (`shape_groups`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import grad_and_value, vmap
+
+from metacl.methods.base import MASK_VALUE
+
+
+# ---------------------------------------------------------------------------------- helpers
+def stack_members(param_lists: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """Per-parameter (N, *shape) copies of N members' parameter lists."""
+    return [torch.stack([p.detach() for p in ps]) for ps in zip(*param_lists)]
+
+
+@torch.no_grad()
+def write_members(stacked: Sequence[Tensor], param_lists: Sequence[Sequence[Tensor]]) -> None:
+    """Copy row i of every stacked tensor into member i's tensors."""
+    for i, params in enumerate(param_lists):
+        torch._foreach_copy_(list(params), [s[i] for s in stacked])
+
+
+def member_column(values: Sequence[float], like: Tensor) -> Tensor:
+    """(N,) tensor of one hyperparameter's value per member."""
+    return torch.tensor([float(v) for v in values], dtype=like.dtype, device=like.device)
+
+
+def per_member(value: Tensor, like: Tensor) -> Tensor:
+    """(N,) -> (N, 1, ..., 1), broadcasting against a stacked (N, *shape) tensor."""
+    return value.view(-1, *([1] * (like.dim() - 1)))
+
+
+def masked_cross_entropy(logits: Tensor, y: Tensor, t: Tensor | int,
+                         class_mask: Tensor | None) -> Tensor:
+    """`ContinualMethod.loss` as a pure function of the (T, C) class mask (None: one head)."""
+    if class_mask is not None:
+        mask = class_mask[t]
+        logits = logits.masked_fill(~mask.expand_as(logits), MASK_VALUE)
+    return F.cross_entropy(logits, y)
+
+
+def clip_members_(grads: Sequence[Tensor], max_norm: float | None) -> None:
+    """`clip_grad_norm_` for every member at once: row i of the stacked (N, ...) gradients
+    scaled by min(1, max_norm / (norm_i + 1e-6)), norm_i its total norm over all tensors."""
+    if not max_norm:
+        return
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], 1).norm(dim=1)
+    coef = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
+    for g in grads:
+        g.mul_(per_member(coef, g))
+
+
+def shape_groups(items: Sequence[tuple | None]) -> list[list[int]]:
+    """Indices of the non-None items, grouped by the shapes of their tensors."""
+    groups: dict[tuple, list[int]] = {}
+    for i, item in enumerate(items):
+        if item is not None:
+            groups.setdefault(tuple(tuple(v.shape) for v in item), []).append(i)
+    return list(groups.values())
+
+
+def gather(stacked: Sequence[Tensor], index: list[int], n: int) -> list[Tensor]:
+    """The rows `index` of stacked tensors (the tensors themselves when all n are taken)."""
+    if len(index) == n:
+        return list(stacked)
+    idx = torch.tensor(index, device=stacked[0].device)
+    return [s.index_select(0, idx) for s in stacked]
+
+
+@torch.no_grad()
+def scatter(stacked: Sequence[Tensor], rows: Sequence[Tensor], index: list[int], n: int) -> None:
+    """Write rows back to positions `index` (no-op when they are the tensors themselves)."""
+    if len(index) == n:
+        return
+    idx = torch.tensor(index, device=stacked[0].device)
+    for s, r in zip(stacked, rows):
+        s.index_copy_(0, idx, r)
+
+
+def has_random_layers(module: nn.Module) -> bool:
+    """Dropout (random masks under vmap) or batch-norm running statistics (in-place updates
+    vmap cannot do): such backbones train one run at a time."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            return True
+    return False
+
+
+def stacked_inputs(batches: Sequence[tuple], index: list[int]) -> list[Tensor]:
+    """(x, y, t) of the members `index`, each stacked along a new member dimension."""
+    return [torch.stack(parts) for parts in zip(*(batches[i] for i in index))]
+
+
+# ---------------------------------------------------------------------------------- SGD
+class SGDPopulation:
+    """Members of an SGDMethod whose update is SGDMethod's loop unchanged (objective = the
+    masked cross-entropy of the backbone, clip, SGD with momentum / weight decay): ER,
+    finetune. Per member: glance_batch under its random state; for all members at once: the
+    gradient (torch.func.vmap over members), clipping and the SGD step (lr per member)."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        self.members = list(members)
+        m0 = self.members[0]
+        self.glances = m0.glances
+        self.params = [list(m.backbone.parameters()) for m in self.members]
+        self.W = stack_members(self.params)
+        self.lr = member_column([m.lr for m in self.members], self.W[0])
+        self.momentum, self.weight_decay = float(m0.momentum), float(m0.weight_decay)
+        self.grad_clip_norm = m0.grad_clip_norm
+        self.multi_head = m0.task_info.multi_head
+        self.class_mask = (torch.stack([m.class_mask for m in self.members])
+                           if self.multi_head else None)
+        self.buffers = self._momentum_buffers()
+        forward = m0.backbone
+
+        def objective(params, x, y, t, mask):
+            return masked_cross_entropy(forward(x, list(params)), y, t, mask)
+
+        self.grad = vmap(grad_and_value(objective),
+                         in_dims=(0, 0, 0, 0, 0 if self.multi_head else None))
+
+    def _momentum_buffers(self) -> list[Tensor] | None:
+        """Stacked momentum buffers; zeros where torch's SGD has none yet (its first step sets
+        buf = grad, which is momentum * 0 + grad)."""
+        if not self.momentum:
+            return None
+        rows = []
+        for m, params in zip(self.members, self.params):
+            state = m.optimizer.state
+            rows.append([state[p]["momentum_buffer"] if "momentum_buffer" in state.get(p, {})
+                         else torch.zeros_like(p) for p in params])
+        return stack_members(rows)
+
+    def observe(self, batches: Sequence[tuple | None], randoms, epoch: int) -> Tensor:
+        n = len(self.members)
+        losses = self.W[0].new_full((n,), float("nan"))
+        for _ in range(self.glances):
+            drawn: list[tuple | None] = [None] * n
+            for i, (m, batch) in enumerate(zip(self.members, batches)):
+                if batch is not None:
+                    with randoms[i]:
+                        drawn[i] = m.glance_batch(*batch)
+            for index in shape_groups(drawn):
+                losses[index] = self._step(index, stacked_inputs(drawn, index))
+        for i, (m, batch) in enumerate(zip(self.members, batches)):
+            if batch is not None:
+                with randoms[i]:
+                    m.after_glances(*batch)
+        return losses
+
+    @torch.no_grad()
+    def _step(self, index: list[int], inputs: list[Tensor]) -> Tensor:
+        n = len(self.members)
+        W = gather(self.W, index, n)
+        mask = None if self.class_mask is None else gather([self.class_mask], index, n)[0]
+        with torch.enable_grad():
+            grads, loss = self.grad(tuple(W), *inputs, mask)
+        grads = list(grads)
+        clip_members_(grads, self.grad_clip_norm)
+        if self.weight_decay:
+            torch._foreach_add_(grads, W, alpha=self.weight_decay)
+        if self.momentum:
+            bufs = gather(self.buffers, index, n)
+            torch._foreach_mul_(bufs, self.momentum)
+            torch._foreach_add_(bufs, grads)
+            scatter(self.buffers, bufs, index, n)
+            grads = bufs
+        lr = self.lr[index] if len(index) < n else self.lr
+        torch._foreach_sub_(W, [g * per_member(lr, g) for g in grads])
+        scatter(self.W, W, index, n)
+        return loss
+
+    def write_back(self) -> None:
+        write_members(self.W, self.params)
+        if self.buffers is not None:
+            for i, (m, params) in enumerate(zip(self.members, self.params)):
+                for p, buf in zip(params, self.buffers):
+                    m.optimizer.state[p]["momentum_buffer"] = buf[i].clone()
+
+
+def population_ready(member: nn.Module, expected_observe: Callable) -> bool:
+    """The member's class runs `expected_observe` unchanged and its backbone draws nothing."""
+    return type(member).observe is expected_observe and not has_random_layers(member.backbone)

@@ -1,0 +1,201 @@
+"""The continual loop of a population: every member's ContinualLoop, trained together.
+
+    every member: resume its checkpoint, or evaluate the row before training
+    for t in tasks:
+        every member: before_task                       (under its own random state)
+        pop = Method.population_class(members)          # stacked trained state
+        for each epoch, for each step: pop.observe(one batch of every member)
+        pop.write_back();  every member: after_task, R[t], checkpoint, W&B row
+    every member: finish (results.json, matrices, W&B summary)
+
+Everything a member writes goes through its own ContinualLoop, so its folder, results.json,
+checkpoints and W&B run are those of a separate run. A member whose loss becomes NaN/inf is
+marked `diverged` and leaves the population; the others go on. A stop signal ends every
+member as interrupted at its last task boundary (population runs keep no in-task
+checkpoints); rerunning the command into the same folders resumes them all from there.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import torch
+
+from metacl.checkpoint import Interrupted, StopSignals
+from metacl.runner.health import DivergedError, check_last_loss, synchronize
+
+LOG_EVERY = 50  # batches between loss logs (one host sync for all members), as a single run
+
+
+class PopulationLoop:
+    def __init__(self, members: list):
+        self.members = members
+        first = members[0].loop
+        self.n_tasks = first.info.n_tasks
+        self.max_epochs = int(first.session.cfg.trainer.max_epochs)
+        self.device = first.session.device
+        self.population_class = type(first.method).population_class
+        self.signals = StopSignals()
+        self.progress = first.progress
+
+    @property
+    def active(self) -> list:
+        return [m for m in self.members if m.active]
+
+    # ------------------------------------------------------------------ failures
+    def guard(self, member, work) -> None:
+        """Run `work()` for one member; an exception ends that member only (recorded in its
+        results.json as a separate run would record it), not the population."""
+        try:
+            with member.job():
+                work()
+        except Exception as err:  # noqa: BLE001  (one member's failure is its own)
+            self.drop(member, err)
+
+    def drop(self, member, err: Exception) -> None:
+        member.active = False
+        member.value = float("nan")
+        loop = member.loop
+        with member.job():
+            loop.session.fail(err, loop.summary())
+        status = loop.record.data["status"]
+        print(f"population member {loop.session.name} {status}: {err}; the others go on",
+              file=sys.stderr)
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> None:
+        for m in self.members:
+            if m.loop.resume is not None:
+                self.guard(m, m.loop.continue_checkpoint)
+        try:
+            with self.signals:
+                for m in self.active:
+                    if m.loop.resume is None:
+                        self.guard(m, m.loop.evaluate_before)
+                starts = {m.loop.first_task for m in self.active}
+                if len(starts) > 1:
+                    raise RuntimeError(f"population members resume at different tasks "
+                                       f"{sorted(starts)}; run them one by one")
+                first = starts.pop() if starts else self.n_tasks
+                with self.progress:
+                    for t in range(first, self.n_tasks):
+                        self.train_task(t)
+                        for m in self.active:
+                            self.guard(m, lambda m=m: m.loop.record_row(t))
+                        if self.signals.pending is not None and t + 1 < self.n_tasks:
+                            self.interrupt(self.signals.pending)
+                for m in self.active:
+                    self.guard(m, m.loop.finish)
+        except Interrupted:
+            raise
+        except BaseException as err:
+            for m in self.active:
+                self.drop(m, err if isinstance(err, Exception) else RuntimeError(str(err)))
+            if not isinstance(err, Exception):
+                raise
+            return
+        for m in self.active:
+            with m.job():
+                m.value = m.loop.report()
+
+    def interrupt(self, signum: int) -> None:
+        """A stop signal: every member ends at its last saved task boundary."""
+        err = Interrupted(signum)
+        for m in self.active:
+            with m.job():
+                m.loop.session.fail(err, m.loop.summary())
+            m.active = False
+        raise err
+
+    # ------------------------------------------------------------------ one task
+    def train_task(self, t: int) -> None:
+        streams = {}
+        for m in self.active:
+            def start(m=m):
+                train_tasks, position = m.loop.start_task(t)
+                if position is not None:
+                    raise RuntimeError("a population resumes at task boundaries only")
+                if train_tasks and self.max_epochs > 0:
+                    m.loop.dm.set_task(t, train_tasks)
+                    streams[id(m)] = m.loop.dm.train_dataloader()
+            self.guard(m, start)
+        training = [m for m in self.active if id(m) in streams]
+        if training:
+            self.fit(t, training, [streams[id(m)] for m in training])
+        for m in self.active:
+            self.guard(m, lambda m=m: (check_last_loss(m.method, t, m.loop.step),
+                                       m.loop.end_task(t)))
+
+    def fit(self, t: int, training: list, loaders: list) -> None:
+        """Every epoch of task t for the training members, one step for all at a time."""
+        total = max(len(loader) for loader in loaders) * self.max_epochs
+        bar = self.progress.add_task("", total=total, task=f"{t + 1}/{self.n_tasks}",
+                                     loss=f"{len(training)} members")
+        synchronize(self.device)
+        started = time.perf_counter()
+        pop = self.population_class([m.method for m in training])
+        losses = None
+        for epoch in range(self.max_epochs):
+            iters = []
+            for m, loader in zip(training, loaders):
+                iters.append(iter(loader))
+            while True:
+                batches = []
+                for m, it in zip(training, iters):
+                    with m.random:
+                        batch = next(it, None)
+                        if batch is not None:
+                            batch = m.loop.dm.on_after_batch_transfer(batch, 0)
+                    batches.append(batch)
+                if all(b is None for b in batches):
+                    break
+                step_losses = pop.observe(batches, [m.random for m in training], epoch)
+                had = [i for i, b in enumerate(batches) if b is not None]
+                if losses is None or len(had) == len(batches):
+                    losses = step_losses
+                else:  # members past the end of a shorter task keep their last loss
+                    losses[had] = step_losses[had]
+                for m, batch in zip(training, batches):
+                    if batch is not None:
+                        m.loop.step += 1
+                self.progress.advance(bar)
+                step = max(m.loop.step for m in training)
+                if step % LOG_EVERY == 0:
+                    keep = self.log_losses(t, training, losses)
+                    if len(keep) < len(training):  # a member diverged: the rest go on
+                        pop.write_back()
+                        iters = [it for m, it in zip(training, iters) if m in keep]
+                        losses = losses[[training.index(m) for m in keep]]
+                        training = keep
+                        if not training:
+                            break
+                        pop = self.population_class([m.method for m in training])
+                if self.signals.pending is not None:
+                    break
+            if self.signals.pending is not None or not training:
+                break
+        if training:
+            pop.write_back()
+        synchronize(self.device)
+        seconds = time.perf_counter() - started
+        self.progress.remove_task(bar)
+        for i, m in enumerate(training):
+            m.loop.record.timing["train_seconds"] += seconds
+            m.method.last_loss = losses[i]
+        if self.signals.pending is not None:
+            self.interrupt(self.signals.pending)
+
+    def log_losses(self, t: int, training: list, losses: torch.Tensor) -> list:
+        """Every member's loss to its logger (one host sync); the members still finite."""
+        keep = []
+        for m, loss in zip(training, losses.tolist()):
+            if math.isfinite(loss):
+                m.loop.session.logger.log_metrics({"train/loss": loss, "task": t}, m.loop.step)
+                keep.append(m)
+            else:
+                self.drop(m, DivergedError(f"training loss became {loss} in task {t} "
+                                           f"(batch {m.loop.step})"))
+        return keep
+
