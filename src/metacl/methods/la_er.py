@@ -27,11 +27,51 @@ import torch
 from torch import Tensor, nn
 
 from metacl.methods.lamaml import LaMAML
+from metacl.methods.lamaml_population import LaMAMLPopulation
+from metacl.methods.population import masked_cross_entropy
+
+
+class LaERPopulation(LaMAMLPopulation):
+    """La-ER members together: La-MAML's population with La-ER's box (module docstring):
+    alpha from the look-ahead loss at the last fast weights, the weights from the replay loss
+    at the current weights, the memory offered after the glances."""
+
+    meta_every_step = False
+
+    def draw(self, m, batch, glance: int, epoch: int):
+        x, y, t = batch
+        perm = torch.randperm(x.shape[0], device=x.device)
+        x, y, t = x[perm], y[perm], t[perm]
+        bx, by, bt = m.meta_batch(x, y, t)
+        return (x, y, t), (x, y, bx, by, bt)
+
+    def after_glances(self, current, randoms) -> None:
+        for i, m in enumerate(self.members):
+            if current[i] is not None:
+                with randoms[i]:
+                    m.memory.add(*current[i])
+
+    def gradients(self, index, inputs, need_w: bool = True, need_alpha: bool | None = None):
+        _, _, grad_a = super().gradients(index, inputs, need_w=False, need_alpha=True)
+        _, _, bx, by, bt = inputs
+        forward = self.first.backbone
+
+        def replay_loss(w, bx, by, bt, mask):
+            return masked_cross_entropy(forward(bx, list(w)), by, bt, mask)
+
+        mask = None if self.class_mask is None else self.class_mask[index]
+        W = self.W if len(index) == self.n else self.W[index]
+        with torch.enable_grad():
+            grads, loss = torch.func.vmap(torch.func.grad_and_value(replay_loss), in_dims=(
+                0, 0, 0, 0, None if mask is None else 0))(self._stacked_views(W), bx, by, bt,
+                                                          mask)
+        return loss, torch.cat([g.flatten(1) for g in grads], 1), grad_a
 
 
 class LaER(LaMAML):
     precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
     hand_written_mlp = False  # its glance takes the meta-loss after the last inner step only
+    population_keys, population_class = ("opt_lr", "alpha_init"), LaERPopulation
 
     def __init__(
         self,

@@ -58,6 +58,7 @@ from metacl.errors import ConfigError
 from metacl.memory import ReservoirBuffer
 from metacl.methods.base import ContinualMethod
 from metacl.methods.lamaml_mlp import MLPGlance
+from metacl.methods.lamaml_population import LaMAMLPopulation
 
 # Dropout under vmap: each stacked fast-weight set draws its own masks, as the loop over them
 # (vectorize=false) does; models without random operations are unaffected.
@@ -160,6 +161,9 @@ class LaMAML(ContinualMethod):
     # then an MLP learner with single-sample, unclamped first-order inner steps gets the
     # hand-written glance of lamaml_mlp.py.
     hand_written_mlp = True
+    # Population runs: members may differ in these (docs/sweeps.md); lamaml_population.py.
+    population_keys = ("opt_lr", "opt_wt", "alpha_init")
+    population_class = LaMAMLPopulation
 
     def __init__(
         self,

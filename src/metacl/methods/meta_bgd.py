@@ -55,6 +55,7 @@ def bgd_update_(means: list[Tensor], stds: list[Tensor], e_grad: list[Tensor],
 
 class MetaBGD(LaMAML):
     precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+    population_keys, population_class = (), None  # its own observe: one run at a time
 
     def __init__(
         self,

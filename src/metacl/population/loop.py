@@ -66,9 +66,10 @@ class PopulationLoop:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> None:
-        for m in self.members:
+        for k, m in enumerate(self.members):
             if m.loop.resume is not None:
                 self.guard(m, m.loop.continue_checkpoint)
+            m.loop.record.data["population"] = {"members": len(self.members), "index": k}
         try:
             with self.signals:
                 for m in self.active:

@@ -1,0 +1,218 @@
+"""Population runs (hydra/launcher=population): members trained together equal their
+separate runs; grouping rules; the launcher end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+
+from metacl.errors import ConfigError
+from metacl.population.grouping import group_jobs
+from metacl.population.members import MemberRandom
+from tests.conftest import ROOT, compose_cfg
+
+# Small streams: task 0 gives 50 incoming batches of 10, then 6 batches of task 1 (a task
+# switch with a full memory of 200 samples).
+STREAM = ["dataset.limit_tasks=2", "dataset.limit_train_per_task=500",
+          "dataset.limit_test_per_task=20", "logger=none"]
+BATCHES = (50, 6)
+
+
+def build(overrides: list[str], dtype=torch.float32):
+    """A member as the runner prepares a run: seed, data, backbone, method."""
+    cfg = compose_cfg([*STREAM, *overrides])
+    pl.seed_everything(cfg.seed, verbose=False)
+    dm = instantiate(cfg.dataset).build()
+    info = dm.task_info
+    backbone = instantiate(cfg.model, input_shape=info.input_shape, n_outputs=info.n_outputs)
+    method = instantiate(cfg.method, _partial_=True)(backbone=backbone, task_info=info)
+    method.to(dtype)
+    method.optimizers = lambda: method.optimizer  # observe() without a Trainer
+    method.manual_backward = lambda loss: loss.backward()
+    dm.batch_size = method.batch_size
+    return method, dm
+
+
+def batches_of(dm, t, n, dtype):
+    dm.set_task(t)
+    for i, batch in enumerate(dm.train_dataloader()):
+        if i == n:
+            return
+        x, y, tt = dm.on_after_batch_transfer(batch, 0)
+        yield x.to(dtype), y, tt
+
+
+def separate(overrides, dtype):
+    method, dm = build(overrides, dtype)
+    for t, n in enumerate(BATCHES):
+        method.before_task(t, dm)
+        for batch in batches_of(dm, t, n, dtype):
+            method.observe(*batch)
+    return method
+
+
+def together(member_overrides, dtype):
+    members, dms, randoms = [], [], []
+    for overrides in member_overrides:
+        method, dm = build(overrides, dtype)
+        members.append(method)
+        dms.append(dm)
+        randoms.append(MemberRandom(torch.device("cpu")))
+    for t, n in enumerate(BATCHES):
+        streams = []
+        for m, dm, r in zip(members, dms, randoms):
+            with r.full():
+                m.before_task(t, dm)
+                dm.set_task(t)
+                streams.append(iter(dm.train_dataloader()))
+        pop = type(members[0]).population_class(members)
+        for _ in range(n):
+            batches = []
+            for dm, it, r in zip(dms, streams, randoms):
+                with r:
+                    x, y, tt = dm.on_after_batch_transfer(next(it), 0)
+                batches.append((x.to(dtype), y, tt))
+            pop.observe(batches, randoms, 0)
+        pop.write_back()
+    return members
+
+
+def state(method) -> dict:
+    return {k: v.detach().double().clone() for k, v in method.state_dict().items()
+            if v.is_floating_point()}
+
+
+MEMBERS = {  # each population has a member with other float hyperparameters
+    "er": [["method=er", "seed=0"], ["method=er", "seed=1"],
+           ["method=er", "seed=2", "method.lr=0.05"]],
+    "finetune": [["method=finetune", "seed=0"], ["method=finetune", "seed=1",
+                                                  "method.lr=0.2"]],
+    "lamaml": [["seed=0"], ["seed=1"], ["seed=2", "method.opt_lr=0.1",
+                                         "method.alpha_init=0.1"]],
+    "cmaml": [["method=cmaml", "seed=0"], ["method=cmaml", "seed=1", "method.opt_wt=0.05"]],
+    "sync_lamaml": [["method=sync_lamaml", "seed=0"],
+                    ["method=sync_lamaml", "seed=1", "method.opt_lr=0.2"]],
+    "la_er": [["method=la_er", "seed=0"], ["method=la_er", "seed=1", "method.opt_lr=0.2"]],
+    # the general (vmapped) glance: La-MAML with inner chunks, as its CIFAR settings
+    "lamaml_chunks": [["seed=0", "method.inner_batches=2"],
+                      ["seed=1", "method.inner_batches=2", "method.opt_lr=0.1"]],
+    # class-split stream: per-member class orders and task masks
+    "lamaml_split": [["dataset=mnist2_bundled", "seed=0"],
+                     ["dataset=mnist2_bundled", "seed=1", "method.opt_lr=0.1"]],
+}
+
+
+@pytest.mark.parametrize("name", sorted(MEMBERS))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)],
+                         ids=["float32", "float64"])
+def test_members_trained_together_equal_their_separate_runs(name, dtype, tol):
+    overrides = MEMBERS[name]
+    pop = together(overrides, dtype)
+    for member, ov in zip(pop, overrides):
+        alone = separate(ov, dtype)
+        a, b = state(alone), state(member)
+        assert a.keys() == b.keys()
+        moved = max(float((a[k] - state(build(ov, dtype)[0])[k]).abs().max()) for k in a)
+        assert moved > 1e-3, "training changed nothing: the comparison would be empty"
+        for k in a:
+            err = float((a[k] - b[k]).abs().max() / (a[k].abs().max() + 1e-12))
+            assert err <= tol, f"{name} {ov}: {k} differs by {err:.2e} (relative)"
+
+
+def test_a_member_with_other_hyperparameters_really_trains_differently():
+    base, other = separate(["method=er", "seed=0"], torch.float64), \
+        separate(["method=er", "seed=0", "method.lr=0.05"], torch.float64)
+    a, b = state(base), state(other)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-3
+
+
+# ------------------------------------------------------------------------------ grouping
+def cfgs(*override_lists):
+    out = []
+    for i, ov in enumerate(override_lists):
+        cfg = compose_cfg(list(ov))
+        out.append(cfg)
+    return out
+
+
+def test_seeds_and_declared_float_keys_group_together():
+    groups = group_jobs(cfgs(["seed=0"], ["seed=1", "method.opt_lr=0.1"],
+                             ["seed=2", "method.alpha_init=0.2", "method.opt_wt=0.3"]), 8)
+    assert [g.jobs for g in groups] == [[0, 1, 2]]
+    assert groups[0].keys == ["seed", "method.alpha_init", "method.opt_lr", "method.opt_wt"]
+
+
+@pytest.mark.parametrize("other", [
+    ["method.glances=3"],  # an integer hyperparameter
+    ["method.learn_lr=false"],  # a boolean
+    ["dataset=mnist_permutations"],
+    ["model.hidden=[50,50]"],
+    ["method=er"],
+    ["trainer.max_epochs=2"],
+])
+def test_any_other_difference_is_another_group(other):
+    groups = group_jobs(cfgs(["seed=0"], ["seed=1"], ["seed=2", *other]), 8)
+    assert sorted(g.jobs for g in groups) == [[0, 1], [2]]
+    assert groups[-1].why_alone
+
+
+def test_methods_without_a_population_train_alone_and_say_why():
+    groups = group_jobs(cfgs(["method=gem", "seed=0"], ["method=gem", "seed=1"]), 8)
+    assert [g.jobs for g in groups] == [[0], [1]]
+    assert all("GEM has no population implementation" in g.why_alone for g in groups)
+
+
+def test_max_members_splits_groups_and_must_be_a_positive_whole_number():
+    configs = cfgs(*[[f"seed={s}"] for s in range(5)])
+    assert [g.jobs for g in group_jobs(configs, 2)] == [[0, 1], [2, 3], [4]]
+    for bad in (0, -1, 1.5, "x"):
+        with pytest.raises(ConfigError, match="max_members"):
+            group_jobs(configs, bad)
+
+
+# ------------------------------------------------------------------------------ end to end
+def train(args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_population_sweep_writes_each_jobs_own_run_equal_to_the_separate_runs(tmp_path):
+    common = ["-m", "seed=0,1,2", "method=er", "debug=fast", "logger=none"]
+    pop = train([*common, "hydra/launcher=population", "hydra.sweep.dir=pop"], tmp_path)
+    assert pop.returncode == 0, pop.stderr[-3000:]
+    assert "population of 3 jobs" in pop.stderr
+    alone = train([*common, "hydra.sweep.dir=alone"], tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    for k in range(3):
+        name = f"{k}_method=er,seed={k}"
+        a = json.loads((tmp_path / "alone" / name / "results.json").read_text())
+        p = json.loads((tmp_path / "pop" / name / "results.json").read_text())
+        assert p["status"] == "completed"
+        assert p["population"] == {"members": 3, "index": k}
+        assert p["accuracy_matrix"] == a["accuracy_matrix"]
+        assert (tmp_path / "pop" / name / "checkpoints" / "last.ckpt").exists()
+        assert (tmp_path / "pop" / name / ".hydra" / "config.yaml").exists()
+
+
+def test_a_diverging_member_is_marked_and_the_others_complete(tmp_path):
+    run = train(["-m", "seed=0,1", "method=er", "method.lr=0.1,1e30", "debug=fast",
+                 "dataset.limit_train_per_task=600", "hydra/launcher=population",
+                 "hydra.sweep.dir=pop"], tmp_path)
+    statuses = {p.parent.name: json.loads(p.read_text())["status"]
+                for p in (tmp_path / "pop").rglob("results.json")}
+    assert sorted(statuses.values()) == ["completed", "completed", "diverged", "diverged"], \
+        run.stderr[-3000:]
+    assert all(s == "diverged" for n, s in statuses.items() if "1e30" in n)
+    assert run.returncode == 1  # the summary table names the failed jobs
+
+
+def test_bad_max_members_is_one_line(tmp_path):
+    run = train(["-m", "seed=0,1", "debug=fast", "hydra/launcher=population",
+                 "hydra.launcher.max_members=0", "hydra.sweep.dir=pop"], tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("error: hydra.launcher.max_members=0")
+    assert not list((tmp_path / "pop").rglob("results.json"))
