@@ -1,0 +1,284 @@
+"""La-MAML's glance as a pure function of the weights, for torch.func.vmap over population members.
+
+A population run (issue #16) trains N members of a multirun (seeds, float hyperparameters) as one
+batched program. The La-MAML family (`metacl.methods.lamaml`: La-MAML, C-MAML, Sync-La-MAML;
+`metacl.methods.la_er`: La-ER) reads and writes its weights through module state; here the same
+update is a function of explicit tensors, so that `torch.func.vmap` maps it over a leading member
+dimension::
+
+    w, a = stack([m.backbone.parameters() for m in members]), stack([m.alpha for m in members])
+    loss, gw, ga = vmap_glance(backbone, w, a, x, y, bx, by, bt, class_mask, task, **options)
+    outer_step(w, a, gw, ga, opt_lr=..., opt_wt=..., grad_clip_norm=..., learn_lr=...,
+               sync_update=...)
+    write_back(w, [list(m.backbone.parameters()) for m in members])
+
+`glance` is the maths of `LaMAML._glance_autograd` (the literal loop, see lamaml.py's docstring):
+inner SGD steps from w on the chunks of the incoming batch (`inner_chunks`), each on the loss
+restricted to the current task's classes, with step size relu(alpha) (`inner_lr_relu`) or alpha,
+inner gradients clamped to +-inner_grad_clamp; the meta-loss is the mean over the fast weight
+sets w_1..w_K (or w_K alone, `meta_every_step=False`) of the loss on the meta-batch, each sample
+on its own task's classes; its gradients with respect to w and alpha are returned.
+
+* second order: the inner gradients are functions of the fast weights (`torch.func.grad` nested
+  in `torch.func.grad_and_value`), so the meta-gradient includes the Hessian terms;
+* first order: the inner gradients are constants. The inner loop runs outside the
+  differentiated function and keeps running sums S_k = g_1 + ... + g_k; the differentiated
+  function is then w_k = w - lr(alpha) * S_k for all k at once (one op per parameter) and one
+  forward of the K fast weight sets, vmapped over k. Same values as the literal loop up to
+  rounding (w - lr*(g_1 + g_2) instead of (w - lr*g_1) - lr*g_2).
+
+Masks: `class_mask` is a member's (n_tasks, n_outputs) bool mask (`TaskInfo.class_mask()`),
+or None for single-head scenarios; logits outside a task's classes are set to MASK_VALUE as
+`ContinualMethod.mask_logits` does. vmap cannot map over a None argument: `vmap_glance` picks
+the in_dims; with a hand-made vmap, give the mask in_dim None when it is None.
+
+Gradients a call does not need (`need_w` / `need_alpha` false) come back as empty tuples, not
+None: vmap needs every output to be a pytree of tensors.
+
+Limits: the backbone must be a pure function of (x, params): dropout draws under vmap need
+`randomness="different"` (and then do not reproduce a separate run's draws), and batch-norm
+running statistics (ResNet18 with track_running_stats) are in-place buffer writes that vmap
+refuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import grad, grad_and_value, vmap
+
+from metacl.methods.base import MASK_VALUE
+from metacl.methods.lamaml import VMAP_RANDOMNESS, inner_chunks
+
+Params = tuple[Tensor, ...]
+Forward = Callable[[Tensor, Sequence[Tensor]], Tensor]
+
+__all__ = ["glance", "loss_and_grad", "masked_loss", "outer_step", "stack", "unstack",
+           "vmap_glance", "vmap_loss_and_grad", "write_back"]
+
+
+# ---------------------------------------------------------------------------------- loss
+def masked_loss(logits: Tensor, y: Tensor, class_mask: Tensor | None, t: Tensor | int) -> Tensor:
+    """`ContinualMethod.loss` with the mask passed in: cross-entropy on the logits of the
+    sample's task's classes (the others filled with MASK_VALUE); class_mask None: all classes.
+    `t` is a task index or a (B,) tensor of per-sample tasks."""
+    if class_mask is not None:
+        mask = class_mask[t]
+        if mask.dim() == 1:
+            mask = mask.expand_as(logits)
+        logits = logits.masked_fill(~mask, MASK_VALUE)
+    return F.cross_entropy(logits, y)
+
+
+def _stacked_loss(forward: Forward, stacked: Params, bx: Tensor, by: Tensor,
+                  class_mask: Tensor | None, bt: Tensor) -> Tensor:
+    """Mean over the K fast weight sets of (K, *shape) `stacked` of the meta-batch loss."""
+    k = stacked[0].shape[0]
+    if k == 1:
+        return masked_loss(forward(bx, tuple(p[0] for p in stacked)), by, class_mask, bt)
+    logits = vmap(lambda ps: forward(bx, ps), randomness=VMAP_RANDOMNESS)(stacked)
+    # Equal-sized meta-batches: the mean over the K*B rows is the mean of the K means.
+    return masked_loss(logits.flatten(0, 1), by.repeat(k), class_mask, bt.repeat(k))
+
+
+# ---------------------------------------------------------------------------------- glance
+def glance(forward: Forward, w: Sequence[Tensor], a: Sequence[Tensor], x: Tensor, y: Tensor,
+           bx: Tensor, by: Tensor, bt: Tensor, class_mask: Tensor | None, task: int, *,
+           inner_batches: int | None, second_order: bool, inner_grad_clamp: float | None,
+           inner_lr_relu: bool, need_w: bool = True, need_alpha: bool = True,
+           meta_every_step: bool = True) -> tuple[Tensor, Params, Params]:
+    """One glance of one member: (meta-loss, dL/dw, dL/dalpha), the gradients as tuples shaped
+    like w and a (empty tuples where need_w / need_alpha is false).
+
+    forward(x, params): the backbone's functional call. w, a: the weights and the step sizes.
+    (x, y): the incoming batch (inner loop, loss on `task`'s classes); (bx, by, bt): the
+    meta-batch and each sample's task. `task` is a python int (the same for every member).
+    """
+    w, a = tuple(w), tuple(a)
+    chunks = inner_chunks(x, y, inner_batches)
+    clamp = inner_grad_clamp
+
+    def lr_of(alpha: Params) -> Params:
+        return tuple(ai.relu() for ai in alpha) if inner_lr_relu else alpha
+
+    def inner_loss(fast: Params, xk: Tensor, yk: Tensor) -> Tensor:
+        return masked_loss(forward(xk, fast), yk, class_mask, task)
+
+    def inner_grad(fast: Params, xk: Tensor, yk: Tensor) -> Params:
+        g = grad(inner_loss)(fast, xk, yk)
+        return tuple(gi.clamp(-clamp, clamp) for gi in g) if clamp is not None else g
+
+    if second_order:
+        def meta(w_: Params, a_: Params) -> Tensor:
+            lr = lr_of(a_)
+            fast, trajectory = w_, []
+            for xk, yk in chunks:  # inner gradients stay functions of the fast weights
+                g = inner_grad(fast, xk, yk)
+                fast = tuple(f - s * gi for f, s, gi in zip(fast, lr, g))
+                trajectory.append(fast)
+            if not meta_every_step:
+                trajectory = trajectory[-1:]
+            stacked = tuple(torch.stack(ps) for ps in zip(*trajectory))
+            return _stacked_loss(forward, stacked, bx, by, class_mask, bt)
+    else:
+        # The inner loop outside the differentiated function: its gradients are constants.
+        lr0 = lr_of(a)
+        s, sums, fast = None, [], w
+        for xk, yk in chunks:
+            g = inner_grad(fast, xk, yk)
+            s = g if s is None else tuple(si + gi for si, gi in zip(s, g))  # S_k
+            fast = tuple(wi - li * si for wi, li, si in zip(w, lr0, s))  # w_k = w - lr * S_k
+            sums.append(s)
+        if not meta_every_step:
+            sums = sums[-1:]
+        S = tuple(torch.stack(ps) for ps in zip(*sums))  # (K, *shape)
+
+        def meta(w_: Params, a_: Params) -> Tensor:
+            lr = lr_of(a_)
+            stacked = tuple(wi.unsqueeze(0) - li.unsqueeze(0) * si
+                            for wi, li, si in zip(w_, lr, S))
+            return _stacked_loss(forward, stacked, bx, by, class_mask, bt)
+
+    argnums = (0,) * need_w + (1,) * need_alpha
+    if not argnums:
+        return meta(w, a), (), ()
+    grads, loss = grad_and_value(meta, argnums=argnums)(w, a)
+    gw = grads[0] if need_w else ()
+    ga = grads[-1] if need_alpha else ()
+    return loss, gw, ga
+
+
+def loss_and_grad(forward: Forward, w: Sequence[Tensor], bx: Tensor, by: Tensor, bt: Tensor,
+                  class_mask: Tensor | None) -> tuple[Tensor, Params]:
+    """(loss, dloss/dw) of the plain meta-batch loss at w: La-ER's weight gradient
+    (`LaMAML.loss_gradient`)."""
+    def loss(w_: Params) -> Tensor:
+        return masked_loss(forward(bx, w_), by, class_mask, bt)
+
+    g, value = grad_and_value(loss)(tuple(w))
+    return value, g
+
+
+def _mask_dim(class_mask: Tensor | None) -> int | None:
+    return None if class_mask is None else 0
+
+
+def vmap_glance(forward: Forward, w: Params, a: Params, x: Tensor, y: Tensor, bx: Tensor,
+                by: Tensor, bt: Tensor, class_mask: Tensor | None, task: int,
+                randomness: str = "error", **options) -> tuple[Tensor, Params, Params]:
+    """`glance` for N stacked members: every tensor argument has a leading member dimension
+    (class_mask (N, n_tasks, n_outputs), or None); returns (N,) losses and (N, ...) gradients.
+    `options`: glance's keyword arguments."""
+    def one(w_, a_, x_, y_, bx_, by_, bt_, mask_):
+        return glance(forward, w_, a_, x_, y_, bx_, by_, bt_, mask_, task, **options)
+
+    in_dims = (0, 0, 0, 0, 0, 0, 0, _mask_dim(class_mask))
+    return vmap(one, in_dims=in_dims, randomness=randomness)(w, a, x, y, bx, by, bt, class_mask)
+
+
+def vmap_loss_and_grad(forward: Forward, w: Params, bx: Tensor, by: Tensor, bt: Tensor,
+                       class_mask: Tensor | None, randomness: str = "error"
+                       ) -> tuple[Tensor, Params]:
+    """`loss_and_grad` for N stacked members."""
+    def one(w_, bx_, by_, bt_, mask_):
+        return loss_and_grad(forward, w_, bx_, by_, bt_, mask_)
+
+    in_dims = (0, 0, 0, 0, _mask_dim(class_mask))
+    return vmap(one, in_dims=in_dims, randomness=randomness)(w, bx, by, bt, class_mask)
+
+
+# ---------------------------------------------------------------------------------- outer step
+def _per_member(value: float | Tensor, like: Tensor) -> float | Tensor:
+    """A python float as is; an (N,) tensor shaped (N, 1, ..., 1) to broadcast over `like`.
+
+    A tensor less precise than `like` is refused: float32 0.3 is not the 0.3 of a float64 run
+    (a python float is exact in both)."""
+    if not isinstance(value, Tensor):
+        return value
+    if value.is_floating_point() and torch.finfo(value.dtype).eps > torch.finfo(like.dtype).eps:
+        raise ValueError(f"a per-member hyperparameter in {value.dtype} for {like.dtype} "
+                         f"tensors loses precision; give it as a {like.dtype} tensor")
+    return value.to(device=like.device, dtype=like.dtype).view(-1, *(1,) * (like.dim() - 1))
+
+
+def clip_members_(tensors: Sequence[Tensor], max_norm: float | Tensor | None) -> None:
+    """`clip_by_total_norm_` for each member of (N, ...) stacked gradients, by the member's own
+    total norm: coef = min(1, max_norm / (norm + 1e-6)), as `nn.utils.clip_grad_norm_`.
+    max_norm: a float (None or 0: no clipping, as clip_by_total_norm_) or an (N,) tensor (every
+    member clipped). In place, no host sync."""
+    if max_norm is None or not tensors:
+        return
+    if not isinstance(max_norm, Tensor) and not max_norm:
+        return
+    norms = [torch.linalg.vector_norm(t.flatten(1), dim=1) for t in tensors]  # each (N,)
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
+    if isinstance(max_norm, Tensor):
+        max_norm = _per_member(max_norm, total)
+    coef = (max_norm / (total + 1e-6)).clamp_(max=1.0)
+    for t in tensors:
+        t.mul_(_per_member(coef, t))
+
+
+@torch.no_grad()
+def outer_step(w: Sequence[Tensor], a: Sequence[Tensor], grad_w: Sequence[Tensor],
+               grad_a: Sequence[Tensor] | None, *, opt_lr: float | Tensor,
+               opt_wt: float | Tensor, grad_clip_norm: float | Tensor | None, learn_lr: bool,
+               sync_update: bool) -> None:
+    """`LaMAML.outer_step` for stacked members, in place on the (N, ...) tensors w and a: clip
+    both gradients per member (grad_w and grad_a are scaled in place), step alpha (learn_lr),
+    then the weights: sync by opt_wt, async by relu(alpha_new). opt_lr / opt_wt: python floats
+    (every member) or (N,) tensors (one value per member)."""
+    w, a, grad_w = list(w), list(a), list(grad_w)
+    clip_members_(grad_w, grad_clip_norm)
+    if learn_lr and grad_a:
+        grad_a = list(grad_a)
+        clip_members_(grad_a, grad_clip_norm)
+        if isinstance(opt_lr, Tensor):
+            for ai, gi in zip(a, grad_a):
+                ai.addcmul_(gi, _per_member(opt_lr, ai), value=-1.0)
+        else:
+            torch._foreach_add_(a, grad_a, alpha=-opt_lr)
+    if sync_update:
+        if isinstance(opt_wt, Tensor):
+            for wi, gi in zip(w, grad_w):
+                wi.addcmul_(gi, _per_member(opt_wt, wi), value=-1.0)
+        else:
+            torch._foreach_add_(w, grad_w, alpha=-opt_wt)
+    else:
+        steps = torch._foreach_clamp_min(a, 0.0)  # relu(alpha_new)
+        torch._foreach_addcmul_(w, grad_w, steps, value=-1.0)
+
+
+# ---------------------------------------------------------------------------------- members
+def stack(members: Sequence[Sequence[Tensor]]) -> Params:
+    """Members' parameter lists (same shapes, same order) as (N, *shape) tensors, detached
+    copies: stack([list(m.backbone.parameters()) for m in methods])."""
+    members = [list(ps) for ps in members]
+    if not members:
+        raise ValueError("stack: no members")
+    if len({len(ps) for ps in members}) != 1:
+        raise ValueError(f"stack: members have different numbers of tensors "
+                         f"({sorted({len(ps) for ps in members})})")
+    return tuple(torch.stack([p.detach() for p in ps]) for ps in zip(*members))
+
+
+def unstack(stacked: Sequence[Tensor]) -> list[Params]:
+    """Member n's tensors, as views of the stacked ones."""
+    return [tuple(s[n] for s in stacked) for n in range(stacked[0].shape[0])]
+
+
+@torch.no_grad()
+def write_back(stacked: Sequence[Tensor], members: Sequence[Sequence[Tensor]]) -> None:
+    """Copy member n's slice of the stacked tensors into members[n]'s tensors, in place."""
+    if len(members) != stacked[0].shape[0]:
+        raise ValueError(f"write_back: {stacked[0].shape[0]} stacked members, {len(members)} "
+                         "parameter lists")
+    for n, params in enumerate(members):
+        params = list(params)
+        if len(params) != len(stacked):
+            raise ValueError(f"write_back: member {n} has {len(params)} tensors, "
+                             f"{len(stacked)} are stacked")
+        torch._foreach_copy_(params, [s[n] for s in stacked])
