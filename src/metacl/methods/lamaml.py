@@ -431,7 +431,8 @@ class LaMAML(ContinualMethod):
         """
         params = [p.detach() for p in self.backbone.parameters()]
         stacked = [p.expand(2, *p.shape).clone().requires_grad_() for p in params]
-        x = torch.ones(2, *self.task_info.input_shape, device=params[0].device)
+        x = torch.ones(2, *self.task_info.input_shape, device=params[0].device,
+                       dtype=params[0].dtype)
         training = self.backbone.training
         self.backbone.eval()  # dropout off: the probe draws no random numbers
         try:
