@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from metacl.methods.lamaml import LaMAML
 from metacl.methods.lamaml_population import LaMAMLPopulation
-from metacl.methods.population import masked_cross_entropy
+from metacl.methods.population import member_losses_and_grads
 
 
 class LaERPopulation(LaMAMLPopulation):
@@ -54,17 +54,10 @@ class LaERPopulation(LaMAMLPopulation):
     def gradients(self, index, inputs, need_w: bool = True, need_alpha: bool | None = None):
         _, _, grad_a = super().gradients(index, inputs, need_w=False, need_alpha=True)
         _, _, bx, by, bt = inputs
-        forward = self.first.backbone
-
-        def replay_loss(w, bx, by, bt, mask):
-            return masked_cross_entropy(forward(bx, list(w)), by, bt, mask)
-
         mask = None if self.class_mask is None else self.class_mask[index]
         W = self.W if len(index) == self.n else self.W[index]
-        with torch.enable_grad():
-            grads, loss = torch.func.vmap(torch.func.grad_and_value(replay_loss), in_dims=(
-                0, 0, 0, 0, None if mask is None else 0))(self._stacked_views(W), bx, by, bt,
-                                                          mask)
+        loss, grads = member_losses_and_grads(self.first.backbone, self._stacked_views(W),
+                                              bx, by, bt, mask)
         return loss, torch.cat([g.flatten(1) for g in grads], 1), grad_a
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad_and_value, vmap
+from torch.func import vmap
 
 from metacl.methods.base import MASK_VALUE
 
@@ -117,6 +117,21 @@ def stacked_inputs(batches: Sequence[tuple], index: list[int]) -> list[Tensor]:
     return [torch.stack(parts) for parts in zip(*(batches[i] for i in index))]
 
 
+def member_losses_and_grads(forward, W: Sequence[Tensor], x: Tensor, y: Tensor, t: Tensor,
+                            class_mask: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+    """Every member's loss on its own batch, (N,), and its gradient for its own stacked
+    weights. The forward is vmapped over the members; the backward is ordinary autograd of the
+    sum of the members' losses (each member's weights only reach its own loss), several times
+    cheaper on small networks than vmapping the gradient itself."""
+    with torch.enable_grad():
+        leaves = [w.detach().requires_grad_() for w in W]
+        losses = vmap(lambda p, x, y, t, m: masked_cross_entropy(forward(x, list(p)), y, t, m),
+                      in_dims=(0, 0, 0, 0, None if class_mask is None else 0))(
+            tuple(leaves), x, y, t, class_mask)
+        grads = list(torch.autograd.grad(losses.sum(), leaves))
+    return losses.detach(), grads
+
+
 # ---------------------------------------------------------------------------------- SGD
 class SGDPopulation:
     """Members of an SGDMethod whose update is SGDMethod's loop unchanged (objective = the
@@ -137,13 +152,7 @@ class SGDPopulation:
         self.class_mask = (torch.stack([m.class_mask for m in self.members])
                            if self.multi_head else None)
         self.buffers = self._momentum_buffers()
-        forward = m0.backbone
-
-        def objective(params, x, y, t, mask):
-            return masked_cross_entropy(forward(x, list(params)), y, t, mask)
-
-        self.grad = vmap(grad_and_value(objective),
-                         in_dims=(0, 0, 0, 0, 0 if self.multi_head else None))
+        self.forward = m0.backbone
 
     def _momentum_buffers(self) -> list[Tensor] | None:
         """Stacked momentum buffers; zeros where torch's SGD has none yet (its first step sets
@@ -179,9 +188,7 @@ class SGDPopulation:
         n = len(self.members)
         W = gather(self.W, index, n)
         mask = None if self.class_mask is None else gather([self.class_mask], index, n)[0]
-        with torch.enable_grad():
-            grads, loss = self.grad(tuple(W), *inputs, mask)
-        grads = list(grads)
+        loss, grads = member_losses_and_grads(self.forward, W, *inputs, mask)
         clip_members_(grads, self.grad_clip_norm)
         if self.weight_decay:
             torch._foreach_add_(grads, W, alpha=self.weight_decay)

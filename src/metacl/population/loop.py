@@ -182,11 +182,22 @@ class PopulationLoop:
         synchronize(self.device)
         seconds = time.perf_counter() - started
         self.progress.remove_task(bar)
+        memory = self.peak_memory_per_member(len(training))
         for i, m in enumerate(training):
             m.loop.record.timing["train_seconds"] += seconds
             m.method.last_loss = losses[i]
+            if memory is not None:
+                population = m.loop.record.data["population"]
+                population["peak_memory_per_member_mb"] = max(
+                    memory, population.get("peak_memory_per_member_mb", 0.0))
         if self.signals.pending is not None:
             self.interrupt(self.signals.pending)
+
+    def peak_memory_per_member(self, n: int) -> float | None:
+        """The GPU's peak allocated memory so far divided by the members (MiB); None on CPU."""
+        if self.device.type != "cuda" or n == 0:
+            return None
+        return round(torch.cuda.max_memory_allocated(self.device) / n / 2**20, 1)
 
     def log_losses(self, t: int, training: list, losses: torch.Tensor) -> list:
         """Every member's loss to its logger (one host sync); the members still finite."""
