@@ -216,3 +216,68 @@ def test_bad_max_members_is_one_line(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("error: hydra.launcher.max_members=0")
     assert not list((tmp_path / "pop").rglob("results.json"))
+
+
+# ------------------------------------------------------------------------------ stop, resume
+def prepared_members(tmp_path, seeds, extra=()):
+    import time
+
+    from metacl.population.members import Member
+    from metacl.runner.folder import FolderLock
+    from metacl.runner.main import prepare_loop
+
+    members = []
+    for k, seed in enumerate(seeds):
+        cfg = compose_cfg(["method=er", "dataset.limit_tasks=3", "dataset.limit_train_per_task=60",
+                           "dataset.limit_test_per_task=30", "logger=none", "trainer=cpu",
+                           f"seed={seed}", f"paths.output_dir={tmp_path / str(k)}", *extra])
+        out = tmp_path / str(k)
+        lock = FolderLock(out)
+        loop = prepare_loop(cfg, out, time.perf_counter(), lock)
+        members.append(Member(index=k, hydra_cfg=None, ret=None, loop=loop, lock=lock,
+                              random=MemberRandom(loop.session.device)))
+    return members
+
+
+def run_population(members):
+    from metacl.population.loop import PopulationLoop
+
+    try:
+        PopulationLoop(members).run()
+    finally:
+        for m in members:
+            m.lock.release()
+
+
+def test_a_stopped_population_resumes_as_a_whole_to_the_uninterrupted_matrices(
+        tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from metacl.checkpoint import Interrupted
+    from metacl.methods.population import SGDPopulation
+
+    run_population(prepared_members(tmp_path / "whole", [0, 1]))
+    calls = {"n": 0}
+    observe = SGDPopulation.observe
+
+    def stop_in_task_1(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 9:  # task 0 has 6 batches: inside task 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        return observe(self, *args)
+
+    monkeypatch.setattr(SGDPopulation, "observe", stop_in_task_1)
+    with pytest.raises(Interrupted):
+        run_population(prepared_members(tmp_path / "cut", [0, 1]))
+    monkeypatch.setattr(SGDPopulation, "observe", observe)
+    for k in range(2):
+        cut = json.loads((tmp_path / "cut" / str(k) / "results.json").read_text())
+        assert cut["status"] == "interrupted" and len(cut["accuracy_matrix"]) == 1
+    run_population(prepared_members(tmp_path / "cut", [0, 1], ["resume=true"]))
+    for k in range(2):
+        whole = json.loads((tmp_path / "whole" / str(k) / "results.json").read_text())
+        resumed = json.loads((tmp_path / "cut" / str(k) / "results.json").read_text())
+        assert resumed["status"] == "completed"
+        assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+        assert resumed["population"] == {"members": 2, "index": k}

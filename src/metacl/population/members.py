@@ -88,7 +88,9 @@ class Member:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.instance()
-        previous, hc.cfg = hc.cfg, self.hydra_cfg
+        previous = hc.cfg
+        if self.hydra_cfg is not None:  # None: composed without Hydra's runtime (tests)
+            hc.cfg = self.hydra_cfg
         try:
             with self.random.full():
                 yield self
