@@ -19,7 +19,7 @@ from metacl.population.members import Member, MemberRandom
 from metacl.runner.folder import FolderLock, is_fresh, remove_fresh
 from metacl.runner.job import job_info
 from metacl.runner.main import prepare_loop, record_failed_job
-from metacl.runner.session import say
+from metacl.runner.session import console
 
 
 def launch(launcher, job_overrides, initial_job_idx: int):
@@ -46,7 +46,7 @@ def launch(launcher, job_overrides, initial_job_idx: int):
     for group in groups:
         if len(group.jobs) == 1:
             i = group.jobs[0]
-            say(f"job {initial_job_idx + i} trains alone: {group.why_alone}")
+            console.print(f"job {initial_job_idx + i} trains alone: {group.why_alone}")
             returns[i] = run_job(hydra_context=launcher.hydra_context,
                                  task_function=launcher.task_function, config=configs[i],
                                  job_dir_key="hydra.sweep.dir",
@@ -54,7 +54,7 @@ def launch(launcher, job_overrides, initial_job_idx: int):
         else:
             members = [prepare_member(launcher, i, configs[i]) for i in group.jobs]
             differ = ", ".join(group.keys) or "nothing"
-            say(f"population of {len(members)} jobs "
+            console.print(f"population of {len(members)} jobs "
                 f"({', '.join(str(initial_job_idx + i) for i in group.jobs)}), differing in "
                 f"{differ}")
             train_members(members)
@@ -118,7 +118,7 @@ def train_members(members: list[Member]) -> None:
         else:
             if ready and (blockers or protocols != {"continual"}):
                 why = "; ".join(sorted(blockers)) or "few-shot runs train one by one"
-                say(f"these jobs train one by one: {why}")
+                console.print(f"these jobs train one by one: {why}")
             for m in ready:
                 run_alone(m)
     except Interrupted as err:
