@@ -21,11 +21,12 @@ on its own task's classes; its gradients with respect to w and alpha are returne
 
 * second order: the inner gradients are functions of the fast weights (`torch.func.grad` nested
   in `torch.func.grad_and_value`), so the meta-gradient includes the Hessian terms;
-* first order: the inner gradients are constants. The inner loop runs outside the
-  differentiated function and keeps running sums S_k = g_1 + ... + g_k; the differentiated
-  function is then w_k = w - lr(alpha) * S_k for all k at once (one op per parameter) and one
-  forward of the K fast weight sets, vmapped over k. Same values as the literal loop up to
-  rounding (w - lr*(g_1 + g_2) instead of (w - lr*g_1) - lr*g_2).
+* first order: the inner gradients are constants. The inner loop keeps running sums
+  S_k = g_1 + ... + g_k and w_k = w - lr(alpha) * S_k; one gradient of the meta-loss with
+  respect to the stack of the K fast weight sets (one forward vmapped over k) gives
+  G_k = dL/dw_k, and the chain rule is two sums: dL/dw = sum_k G_k, dL/dalpha =
+  -sum_k G_k * S_k * lr'(alpha). Same values as the literal loop up to rounding
+  (w - lr*(g_1 + g_2) instead of (w - lr*g_1) - lr*g_2).
 
 Masks: `class_mask` is a member's (n_tasks, n_outputs) bool mask (`TaskInfo.class_mask()`),
 or None for single-head scenarios; logits outside a task's classes are set to MASK_VALUE as
@@ -99,9 +100,8 @@ def glance(forward: Forward, w: Sequence[Tensor], a: Sequence[Tensor], x: Tensor
     """
     w, a = tuple(w), tuple(a)
     chunks = inner_chunks(x, y, inner_batches)
-    clamp = inner_grad_clamp
 
-    def lr_of(alpha: Params) -> Params:
+    def lr(alpha: Params) -> Params:
         return tuple(ai.relu() for ai in alpha) if inner_lr_relu else alpha
 
     def inner_loss(fast: Params, xk: Tensor, yk: Tensor) -> Tensor:
@@ -109,45 +109,73 @@ def glance(forward: Forward, w: Sequence[Tensor], a: Sequence[Tensor], x: Tensor
 
     def inner_grad(fast: Params, xk: Tensor, yk: Tensor) -> Params:
         g = grad(inner_loss)(fast, xk, yk)
-        return tuple(gi.clamp(-clamp, clamp) for gi in g) if clamp is not None else g
+        if inner_grad_clamp is None:
+            return g
+        return tuple(gi.clamp(-inner_grad_clamp, inner_grad_clamp) for gi in g)
 
-    if second_order:
-        def meta(w_: Params, a_: Params) -> Tensor:
-            lr = lr_of(a_)
-            fast, trajectory = w_, []
-            for xk, yk in chunks:  # inner gradients stay functions of the fast weights
-                g = inner_grad(fast, xk, yk)
-                fast = tuple(f - s * gi for f, s, gi in zip(fast, lr, g))
-                trajectory.append(fast)
-            if not meta_every_step:
-                trajectory = trajectory[-1:]
-            stacked = tuple(torch.stack(ps) for ps in zip(*trajectory))
-            return _stacked_loss(forward, stacked, bx, by, class_mask, bt)
-    else:
-        # The inner loop outside the differentiated function: its gradients are constants.
-        lr0 = lr_of(a)
-        s, sums, fast = None, [], w
-        for xk, yk in chunks:
+    def meta_loss(stacked: Params) -> Tensor:
+        return _stacked_loss(forward, stacked, bx, by, class_mask, bt)
+
+    if not second_order:
+        return _first_order(w, a, lr(a), chunks, inner_grad, meta_loss, inner_lr_relu, need_w,
+                            need_alpha, meta_every_step)
+
+    def meta(w_: Params, a_: Params) -> Tensor:
+        steps = lr(a_)
+        fast, trajectory = w_, []
+        for xk, yk in chunks:  # the inner gradients stay functions of the fast weights
             g = inner_grad(fast, xk, yk)
-            s = g if s is None else tuple(si + gi for si, gi in zip(s, g))  # S_k
-            fast = tuple(wi - li * si for wi, li, si in zip(w, lr0, s))  # w_k = w - lr * S_k
-            sums.append(s)
+            fast = tuple(f - s * gi for f, s, gi in zip(fast, steps, g))
+            trajectory.append(fast)
         if not meta_every_step:
-            sums = sums[-1:]
-        S = tuple(torch.stack(ps) for ps in zip(*sums))  # (K, *shape)
-
-        def meta(w_: Params, a_: Params) -> Tensor:
-            lr = lr_of(a_)
-            stacked = tuple(wi.unsqueeze(0) - li.unsqueeze(0) * si
-                            for wi, li, si in zip(w_, lr, S))
-            return _stacked_loss(forward, stacked, bx, by, class_mask, bt)
+            trajectory = trajectory[-1:]
+        return meta_loss(tuple(torch.stack(ps) for ps in zip(*trajectory)))
 
     argnums = (0,) * need_w + (1,) * need_alpha
     if not argnums:
         return meta(w, a), (), ()
     grads, loss = grad_and_value(meta, argnums=argnums)(w, a)
-    gw = grads[0] if need_w else ()
-    ga = grads[-1] if need_alpha else ()
+    return loss, grads[0] if need_w else (), grads[-1] if need_alpha else ()
+
+
+def _first_order(w: Params, a: Params, lr: Params, chunks, inner_grad, meta_loss,
+                 inner_lr_relu: bool, need_w: bool, need_alpha: bool, meta_every_step: bool
+                 ) -> tuple[Tensor, Params, Params]:
+    """First order: the inner gradients g_k are constants, w_k = w - lr(alpha) * S_k with
+    S_k = g_1 + ... + g_k, so with G_k = dL_meta/dw_k (the mean's 1/K included)::
+
+        dL_meta/dw = sum_k G_k        dL_meta/dalpha = -sum_k G_k * S_k * lr'(alpha)
+
+    (lr' = 1, or relu' = [alpha > 0]). G comes from one gradient of the meta-loss with respect
+    to the (K, *shape) stack of fast weights: no graph through the inner loop or the stacking
+    (the chain rule of `LaMAML._glance_first_order`)."""
+    s, fasts, sums = None, [], []
+    for xk, yk in chunks:
+        g = inner_grad(fasts[-1] if fasts else w, xk, yk)
+        s = g if s is None else tuple(si + gi for si, gi in zip(s, g))  # S_k
+        fasts.append(tuple(torch.addcmul(wi, li, si, value=-1.0)  # w_k = w - lr * S_k
+                           for wi, li, si in zip(w, lr, s)))
+        sums.append(s)
+    if not meta_every_step:
+        fasts, sums = fasts[-1:], sums[-1:]
+    stacked = tuple(torch.stack(ps) for ps in zip(*fasts))  # (K, *shape)
+    G, loss = grad_and_value(meta_loss)(stacked)
+    # The sums over k step by step: G's memory layout is the backward's (transposed for linear
+    # weights), and a reduction over the stacked dimension of such a layout is 10x slower on a
+    # CPU than these additions, which keep it (clone and in-place ops preserve strides).
+    # (No torch._foreach_* ops: vmap has no batching rule for them.)
+    gw, ga = (), ()
+    if need_w:
+        gw = tuple(gi[0].clone() for gi in G)
+        for k in range(1, len(fasts)):
+            for acc, gi in zip(gw, G):
+                acc.add_(gi[k])
+    if need_alpha:
+        ga = [gi[0] * si for gi, si in zip(G, sums[0])]
+        for k in range(1, len(fasts)):  # (addcmul_ has no batching rule; addcmul has)
+            ga = [torch.addcmul(acc, gi[k], si) for acc, gi, si in zip(ga, G, sums[k])]
+        ga = tuple(acc.neg_().mul_(ai > 0) if inner_lr_relu else acc.neg_()
+                   for acc, ai in zip(ga, a))
     return loss, gw, ga
 
 
