@@ -180,6 +180,16 @@ def test_loss_and_grad_equals_loss_gradient():
     assert_all_close([got[0]], [loss], dtype)
     assert_all_close(got[1], g, dtype)
 
+    # Over 3 members (own weights, meta-batches and class masks) under vmap.
+    net, members, data, masks = population("pc_cnn", dtype, multi_head=True)
+    W = lf.stack([m[3] for m in members])
+    bx, by, bt = (torch.stack(d) for d in list(zip(*data))[2:])
+    loss, gw = lf.vmap_loss_and_grad(net, W, bx, by, bt, torch.stack(masks))
+    for k, (_, _, _, w, _) in enumerate(members):
+        single = lf.loss_and_grad(net, w, *data[k][2:], masks[k])
+        assert_all_close([loss[k], *(g[k] for g in gw)], [single[0], *single[1]], dtype,
+                         VMAP_TOL)
+
 
 # ----------------------------------------------------------------------- (b) vmap over members
 def population(backbone, dtype, multi_head, n=3):
