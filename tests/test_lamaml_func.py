@@ -120,6 +120,7 @@ def build(backbone: str, dtype, multi_head: bool, member: int = 0):
 
 # ----------------------------------------------------------------------- (a) one member
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("stack_steps", [True, False], ids=["stacked", "loop"])
 @pytest.mark.parametrize("every", [True, False], ids=["every", "last"])
 @pytest.mark.parametrize("multi_head", [False, True], ids=["single", "multi"])
 @pytest.mark.parametrize("clamp", [None, 0.05], ids=["noclamp", "clamp"])
@@ -127,9 +128,9 @@ def build(backbone: str, dtype, multi_head: bool, member: int = 0):
 @pytest.mark.parametrize("second_order", [False, True], ids=["first", "second"])
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_glance_equals_glance_autograd(backbone, second_order, inner_batches, clamp, multi_head,
-                                       every, dtype):
+                                       every, stack_steps, dtype):
     shape, net, info, w, a = build(backbone, dtype, multi_head)
-    opts = options(inner_batches, second_order, clamp, every)
+    opts = options(inner_batches, second_order, clamp, every, stack_steps=stack_steps)
     m = lamaml_like(net, info, w, a, dtype, **method_kwargs(opts))
     x, y, bx, by, bt = member_data(shape, info, dtype, seed=0)
     loss, gw, ga = m._glance_autograd(x, y, bx, by, bt, True, True, every)
@@ -145,15 +146,17 @@ def test_glance_equals_glance_autograd(backbone, second_order, inner_batches, cl
         assert not torch.allclose(unmasked[0], loss)
 
 
+@pytest.mark.parametrize("stack_steps", [True, False], ids=["stacked", "loop"])
 @pytest.mark.parametrize("second_order", [False, True], ids=["first", "second"])
 @pytest.mark.parametrize("need", [(False, True), (True, False)], ids=["alpha_only", "w_only"])
-def test_glance_need_flags_equal_glance_autograd(need, second_order):
+def test_glance_need_flags_equal_glance_autograd(need, second_order, stack_steps):
     """La-ER's call (alpha only, last fast weights, alpha itself as the inner step, clamped)
     and C-MAML's (weights only)."""
     need_w, need_alpha = need
     dtype = torch.float64
     shape, net, info, w, a = build("mlp", dtype, multi_head=True)
-    opts = options(2, second_order, 2.0, every=need_w, need_w=need_w, need_alpha=need_alpha)
+    opts = options(2, second_order, 2.0, every=need_w, need_w=need_w, need_alpha=need_alpha,
+                   stack_steps=stack_steps)
     opts["inner_lr_relu"] = False
     m = lamaml_like(net, info, w, a, dtype, **method_kwargs(opts))
     x, y, bx, by, bt = member_data(shape, info, dtype, seed=0)
@@ -177,6 +180,16 @@ def test_loss_and_grad_equals_loss_gradient():
     assert_all_close([got[0]], [loss], dtype)
     assert_all_close(got[1], g, dtype)
 
+    # Over 3 members (own weights, meta-batches and class masks) under vmap.
+    net, members, data, masks = population("pc_cnn", dtype, multi_head=True)
+    W = lf.stack([m[3] for m in members])
+    bx, by, bt = (torch.stack(d) for d in list(zip(*data))[2:])
+    loss, gw = lf.vmap_loss_and_grad(net, W, bx, by, bt, torch.stack(masks))
+    for k, (_, _, _, w, _) in enumerate(members):
+        single = lf.loss_and_grad(net, w, *data[k][2:], masks[k])
+        assert_all_close([loss[k], *(g[k] for g in gw)], [single[0], *single[1]], dtype,
+                         VMAP_TOL)
+
 
 # ----------------------------------------------------------------------- (b) vmap over members
 def population(backbone, dtype, multi_head, n=3):
@@ -198,7 +211,8 @@ def population(backbone, dtype, multi_head, n=3):
 def test_vmap_over_members_equals_single_calls(backbone, second_order, inner_batches,
                                                multi_head, every, dtype):
     net, members, data, masks = population(backbone, dtype, multi_head)
-    opts = options(inner_batches, second_order, 0.05 if inner_batches else None, every)
+    opts = options(inner_batches, second_order, 0.05 if inner_batches else None, every,
+                   stack_steps=multi_head)  # both forms of the meta-losses, under vmap
     W = lf.stack([m[3] for m in members])
     A = lf.stack([m[4] for m in members])
     x, y, bx, by, bt = (torch.stack(d) for d in zip(*data))
