@@ -51,12 +51,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, grad_and_value, vmap
 
-from metacl.methods.base import MASK_VALUE
 from metacl.methods.lamaml import VMAP_RANDOMNESS, inner_chunks
+from metacl.methods.population import (
+    clip_members_,
+    masked_loss,
+    per_member,
+    stack,
+    unstack,
+    write_back,
+)
 
 Params = tuple[Tensor, ...]
 Forward = Callable[[Tensor, Sequence[Tensor]], Tensor]
@@ -66,16 +72,6 @@ __all__ = ["glance", "loss_and_grad", "masked_loss", "outer_step", "stack", "uns
 
 
 # ---------------------------------------------------------------------------------- loss
-def masked_loss(logits: Tensor, y: Tensor, class_mask: Tensor | None, t: Tensor | int) -> Tensor:
-    """`ContinualMethod.loss` with the mask passed in: cross-entropy on the logits of the
-    sample's task's classes (the others filled with MASK_VALUE); class_mask None: all classes.
-    `t` is a task index or a (B,) tensor of per-sample tasks."""
-    if class_mask is not None:
-        mask = class_mask[t]
-        if mask.dim() == 1:
-            mask = mask.expand_as(logits)
-        logits = logits.masked_fill(~mask, MASK_VALUE)
-    return F.cross_entropy(logits, y)
 
 
 # ---------------------------------------------------------------------------------- glance
@@ -269,35 +265,6 @@ def vmap_loss_and_grad(forward: Forward, w: Params, bx: Tensor, by: Tensor, bt: 
 
 
 # ---------------------------------------------------------------------------------- outer step
-def _per_member(value: float | Tensor, like: Tensor) -> float | Tensor:
-    """A python float as is; an (N,) tensor shaped (N, 1, ..., 1) to broadcast over `like`.
-
-    A tensor less precise than `like` is refused: float32 0.3 is not the 0.3 of a float64 run
-    (a python float is exact in both)."""
-    if not isinstance(value, Tensor):
-        return value
-    if value.is_floating_point() and torch.finfo(value.dtype).eps > torch.finfo(like.dtype).eps:
-        raise ValueError(f"a per-member hyperparameter in {value.dtype} for {like.dtype} "
-                         f"tensors loses precision; give it as a {like.dtype} tensor")
-    return value.to(device=like.device, dtype=like.dtype).view(-1, *(1,) * (like.dim() - 1))
-
-
-def clip_members_(tensors: Sequence[Tensor], max_norm: float | Tensor | None) -> None:
-    """`clip_by_total_norm_` for each member of (N, ...) stacked gradients, by the member's own
-    total norm: coef = min(1, max_norm / (norm + 1e-6)), as `nn.utils.clip_grad_norm_`.
-    max_norm: a float (None or 0: no clipping, as clip_by_total_norm_) or an (N,) tensor (every
-    member clipped). In place, no host sync."""
-    if max_norm is None or not tensors:
-        return
-    if not isinstance(max_norm, Tensor) and not max_norm:
-        return
-    norms = [torch.linalg.vector_norm(t.flatten(1), dim=1) for t in tensors]  # each (N,)
-    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
-    if isinstance(max_norm, Tensor):
-        max_norm = _per_member(max_norm, total)
-    coef = (max_norm / (total + 1e-6)).clamp_(max=1.0)
-    for t in tensors:
-        t.mul_(_per_member(coef, t))
 
 
 @torch.no_grad()
@@ -316,13 +283,13 @@ def outer_step(w: Sequence[Tensor], a: Sequence[Tensor], grad_w: Sequence[Tensor
         clip_members_(grad_a, grad_clip_norm)
         if isinstance(opt_lr, Tensor):
             for ai, gi in zip(a, grad_a):
-                ai.addcmul_(gi, _per_member(opt_lr, ai), value=-1.0)
+                ai.addcmul_(gi, per_member(opt_lr, ai), value=-1.0)
         else:
             torch._foreach_add_(a, grad_a, alpha=-opt_lr)
     if sync_update:
         if isinstance(opt_wt, Tensor):
             for wi, gi in zip(w, grad_w):
-                wi.addcmul_(gi, _per_member(opt_wt, wi), value=-1.0)
+                wi.addcmul_(gi, per_member(opt_wt, wi), value=-1.0)
         else:
             torch._foreach_add_(w, grad_w, alpha=-opt_wt)
     else:
@@ -331,32 +298,5 @@ def outer_step(w: Sequence[Tensor], a: Sequence[Tensor], grad_w: Sequence[Tensor
 
 
 # ---------------------------------------------------------------------------------- members
-def stack(members: Sequence[Sequence[Tensor]]) -> Params:
-    """Members' parameter lists (same shapes, same order) as (N, *shape) tensors, detached
-    copies: stack([list(m.backbone.parameters()) for m in methods])."""
-    members = [list(ps) for ps in members]
-    if not members:
-        raise ValueError("stack: no members")
-    if len({len(ps) for ps in members}) != 1:
-        raise ValueError(f"stack: members have different numbers of tensors "
-                         f"({sorted({len(ps) for ps in members})})")
-    return tuple(torch.stack([p.detach() for p in ps]) for ps in zip(*members))
 
 
-def unstack(stacked: Sequence[Tensor]) -> list[Params]:
-    """Member n's tensors, as views of the stacked ones."""
-    return [tuple(s[n] for s in stacked) for n in range(stacked[0].shape[0])]
-
-
-@torch.no_grad()
-def write_back(stacked: Sequence[Tensor], members: Sequence[Sequence[Tensor]]) -> None:
-    """Copy member n's slice of the stacked tensors into members[n]'s tensors, in place."""
-    if len(members) != stacked[0].shape[0]:
-        raise ValueError(f"write_back: {stacked[0].shape[0]} stacked members, {len(members)} "
-                         "parameter lists")
-    for n, params in enumerate(members):
-        params = list(params)
-        if len(params) != len(stacked):
-            raise ValueError(f"write_back: member {n} has {len(params)} tensors, "
-                             f"{len(stacked)} are stacked")
-        torch._foreach_copy_(params, [s[n] for s in stacked])

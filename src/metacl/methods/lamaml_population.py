@@ -63,9 +63,9 @@ class LaMAMLPopulation:
                 torch._foreach_copy_(self.views(self.W[i]), list(m.backbone.parameters()))
                 torch._foreach_copy_(self.views(self.A[i]), list(m.alpha))
         forward = m0.backbone
-        options = dict(inner_batches=m0.inner_batches, second_order=m0.second_order,
-                       inner_grad_clamp=m0.inner_grad_clamp, inner_lr_relu=m0.inner_lr_relu,
-                       meta_every_step=self.meta_every_step)
+        options = {"inner_batches": m0.inner_batches, "second_order": m0.second_order,
+                   "inner_grad_clamp": m0.inner_grad_clamp, "inner_lr_relu": m0.inner_lr_relu,
+                   "meta_every_step": self.meta_every_step}
 
         def one(w, a, x, y, bx, by, bt, mask, task, need_w, need_alpha):
             from metacl.methods import lamaml_func  # imports lamaml (a cycle at load time)
@@ -161,7 +161,7 @@ class LaMAMLPopulation:
                                                     None, None, None))(
                 self._stacked_views(W), self._stacked_views(A), x, y, bx, by, bt, mask,
                 m0.current_task, need_w, need_alpha)
-        flat = lambda grads: torch.cat([g.flatten(1) for g in grads], 1)  # noqa: E731
+        flat = lambda grads: torch.cat([g.flatten(1) for g in grads], 1)
         return (loss, flat(gw) if need_w else None, flat(ga) if need_alpha else None)
 
     def _mlp_gradients(self, index, x, y, bx, by, bt, need_alpha):

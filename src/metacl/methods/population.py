@@ -21,7 +21,7 @@ whose batches differ in shape are computed in separate sub-stacks (`shape_groups
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,18 +30,80 @@ from torch.func import vmap
 
 from metacl.methods.base import MASK_VALUE
 
+Params = tuple[Tensor, ...]
+
 
 # ---------------------------------------------------------------------------------- helpers
-def stack_members(param_lists: Sequence[Sequence[Tensor]]) -> list[Tensor]:
-    """Per-parameter (N, *shape) copies of N members' parameter lists."""
-    return [torch.stack([p.detach() for p in ps]) for ps in zip(*param_lists)]
+def stack(members: Sequence[Sequence[Tensor]]) -> Params:
+    """Members' parameter lists (same shapes, same order) as (N, *shape) tensors, detached
+    copies: stack([list(m.backbone.parameters()) for m in methods])."""
+    members = [list(ps) for ps in members]
+    if not members:
+        raise ValueError("stack: no members")
+    if len({len(ps) for ps in members}) != 1:
+        raise ValueError(f"stack: members have different numbers of tensors "
+                         f"({sorted({len(ps) for ps in members})})")
+    return tuple(torch.stack([p.detach() for p in ps]) for ps in zip(*members))
 
+def unstack(stacked: Sequence[Tensor]) -> list[Params]:
+    """Member n's tensors, as views of the stacked ones."""
+    return [tuple(s[n] for s in stacked) for n in range(stacked[0].shape[0])]
 
 @torch.no_grad()
-def write_members(stacked: Sequence[Tensor], param_lists: Sequence[Sequence[Tensor]]) -> None:
-    """Copy row i of every stacked tensor into member i's tensors."""
-    for i, params in enumerate(param_lists):
-        torch._foreach_copy_(list(params), [s[i] for s in stacked])
+def write_back(stacked: Sequence[Tensor], members: Sequence[Sequence[Tensor]]) -> None:
+    """Copy member n's slice of the stacked tensors into members[n]'s tensors, in place."""
+    if len(members) != stacked[0].shape[0]:
+        raise ValueError(f"write_back: {stacked[0].shape[0]} stacked members, {len(members)} "
+                         "parameter lists")
+    for n, params in enumerate(members):
+        params = list(params)
+        if len(params) != len(stacked):
+            raise ValueError(f"write_back: member {n} has {len(params)} tensors, "
+                             f"{len(stacked)} are stacked")
+        torch._foreach_copy_(params, [s[n] for s in stacked])
+
+def per_member(value: float | Tensor, like: Tensor) -> float | Tensor:
+    """A python float as is; an (N,) tensor shaped (N, 1, ..., 1) to broadcast over `like`.
+
+    A tensor less precise than `like` is refused: float32 0.3 is not the 0.3 of a float64 run
+    (a python float is exact in both)."""
+    if not isinstance(value, Tensor):
+        return value
+    if value.is_floating_point() and torch.finfo(value.dtype).eps > torch.finfo(like.dtype).eps:
+        raise ValueError(f"a per-member hyperparameter in {value.dtype} for {like.dtype} "
+                         f"tensors loses precision; give it as a {like.dtype} tensor")
+    return value.to(device=like.device, dtype=like.dtype).view(-1, *(1,) * (like.dim() - 1))
+
+def masked_loss(logits: Tensor, y: Tensor, class_mask: Tensor | None, t: Tensor | int) -> Tensor:
+    """`ContinualMethod.loss` with the mask passed in: cross-entropy on the logits of the
+    sample's task's classes (the others filled with MASK_VALUE); class_mask None: all classes.
+    `t` is a task index or a (B,) tensor of per-sample tasks."""
+    if class_mask is not None:
+        mask = class_mask[t]
+        if mask.dim() == 1:
+            mask = mask.expand_as(logits)
+        logits = logits.masked_fill(~mask, MASK_VALUE)
+    return F.cross_entropy(logits, y)
+
+def clip_members_(tensors: Sequence[Tensor], max_norm: float | Tensor | None) -> None:
+    """`clip_by_total_norm_` for each member of (N, ...) stacked gradients, by the member's own
+    total norm: coef = min(1, max_norm / (norm + 1e-6)), as `nn.utils.clip_grad_norm_`.
+    max_norm: a float (None or 0: no clipping, as clip_by_total_norm_) or an (N,) tensor (every
+    member clipped). In place, no host sync."""
+    if max_norm is None or not tensors:
+        return
+    if not isinstance(max_norm, Tensor) and not max_norm:
+        return
+    norms = [torch.linalg.vector_norm(t.flatten(1), dim=1) for t in tensors]  # each (N,)
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
+    if isinstance(max_norm, Tensor):
+        max_norm = per_member(max_norm, total)
+    coef = (max_norm / (total + 1e-6)).clamp_(max=1.0)
+    for t in tensors:
+        t.mul_(per_member(coef, t))
+
+
+
 
 
 def member_column(values: Sequence[float], like: Tensor) -> Tensor:
@@ -49,29 +111,10 @@ def member_column(values: Sequence[float], like: Tensor) -> Tensor:
     return torch.tensor([float(v) for v in values], dtype=like.dtype, device=like.device)
 
 
-def per_member(value: Tensor, like: Tensor) -> Tensor:
-    """(N,) -> (N, 1, ..., 1), broadcasting against a stacked (N, *shape) tensor."""
-    return value.view(-1, *([1] * (like.dim() - 1)))
 
 
-def masked_cross_entropy(logits: Tensor, y: Tensor, t: Tensor | int,
-                         class_mask: Tensor | None) -> Tensor:
-    """`ContinualMethod.loss` as a pure function of the (T, C) class mask (None: one head)."""
-    if class_mask is not None:
-        mask = class_mask[t]
-        logits = logits.masked_fill(~mask.expand_as(logits), MASK_VALUE)
-    return F.cross_entropy(logits, y)
 
 
-def clip_members_(grads: Sequence[Tensor], max_norm: float | None) -> None:
-    """`clip_grad_norm_` for every member at once: row i of the stacked (N, ...) gradients
-    scaled by min(1, max_norm / (norm_i + 1e-6)), norm_i its total norm over all tensors."""
-    if not max_norm:
-        return
-    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], 1).norm(dim=1)
-    coef = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
-    for g in grads:
-        g.mul_(per_member(coef, g))
 
 
 def shape_groups(items: Sequence[tuple | None]) -> list[list[int]]:
@@ -125,7 +168,7 @@ def member_losses_and_grads(forward, W: Sequence[Tensor], x: Tensor, y: Tensor, 
     cheaper on small networks than vmapping the gradient itself."""
     with torch.enable_grad():
         leaves = [w.detach().requires_grad_() for w in W]
-        losses = vmap(lambda p, x, y, t, m: masked_cross_entropy(forward(x, list(p)), y, t, m),
+        losses = vmap(lambda p, x, y, t, m: masked_loss(forward(x, list(p)), y, m, t),
                       in_dims=(0, 0, 0, 0, None if class_mask is None else 0))(
             tuple(leaves), x, y, t, class_mask)
         grads = list(torch.autograd.grad(losses.sum(), leaves))
@@ -144,7 +187,7 @@ class SGDPopulation:
         m0 = self.members[0]
         self.glances = m0.glances
         self.params = [list(m.backbone.parameters()) for m in self.members]
-        self.W = stack_members(self.params)
+        self.W = stack(self.params)
         self.lr = member_column([m.lr for m in self.members], self.W[0])
         self.momentum, self.weight_decay = float(m0.momentum), float(m0.weight_decay)
         self.grad_clip_norm = m0.grad_clip_norm
@@ -164,7 +207,7 @@ class SGDPopulation:
             state = m.optimizer.state
             rows.append([state[p]["momentum_buffer"] if "momentum_buffer" in state.get(p, {})
                          else torch.zeros_like(p) for p in params])
-        return stack_members(rows)
+        return stack(rows)
 
     def observe(self, batches: Sequence[tuple | None], randoms, epoch: int) -> Tensor:
         n = len(self.members)
@@ -204,13 +247,8 @@ class SGDPopulation:
         return loss
 
     def write_back(self) -> None:
-        write_members(self.W, self.params)
+        write_back(self.W, self.params)
         if self.buffers is not None:
             for i, (m, params) in enumerate(zip(self.members, self.params)):
                 for p, buf in zip(params, self.buffers):
                     m.optimizer.state[p]["momentum_buffer"] = buf[i].clone()
-
-
-def population_ready(member: nn.Module, expected_observe: Callable) -> bool:
-    """The member's class runs `expected_observe` unchanged and its backbone draws nothing."""
-    return type(member).observe is expected_observe and not has_random_layers(member.backbone)

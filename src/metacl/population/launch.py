@@ -36,7 +36,7 @@ def launch(launcher, job_overrides, initial_job_idx: int):
         configs.append(job)
     try:
         groups = group_jobs(configs, launcher.max_members)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         found = user_error(err)
         if found is None:
             raise

@@ -84,7 +84,7 @@ class PopulationLoop:
                     for t in range(first, self.n_tasks):
                         self.train_task(t)
                         for m in self.active:
-                            self.guard(m, lambda m=m: m.loop.record_row(t))
+                            self.guard(m, lambda m=m, t=t: m.loop.record_row(t))
                         if self.signals.pending is not None and t + 1 < self.n_tasks:
                             self.interrupt(self.signals.pending)
                 for m in self.active:
