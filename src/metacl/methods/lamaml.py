@@ -303,6 +303,8 @@ class LaMAML(ContinualMethod):
             torch._foreach_copy_(ws.w_views, list(self.backbone.parameters()))
             torch._foreach_copy_(ws.a_views, list(self.alpha))
         self._ws = ws
+        if mlp:  # a population of one: this run is member 0
+            return [ws.w[0]], [ws.a[0]]
         return [ws.w], [ws.a]
 
     def end_update(self) -> None:
@@ -417,11 +419,14 @@ class LaMAML(ContinualMethod):
                     incoming_in_meta):
         mask_inner = mask_meta = None
         if self.task_info.multi_head:  # additive masks: 0 on the task's classes, MASK_VALUE off
-            mask_inner = self.mask_logits(bx.new_zeros(self.task_info.n_outputs), self._task)
+            mask_inner = self.mask_logits(bx.new_zeros(1, self.task_info.n_outputs), self._task)
             mask_meta = self.mask_logits(bx.new_zeros(bx.shape[0], self.task_info.n_outputs), bt)
-        loss = ws.glance(x, y, bx, by, mask_inner, mask_meta, need_w, need_alpha,
-                         self.inner_lr_relu, incoming_in_meta)
-        return loss, [ws.gw] if need_w else None, [ws.ga] if need_alpha else None
+            mask_meta = mask_meta.unsqueeze(0)
+        # a population of one member (inputs and results with a leading member dimension)
+        loss = ws.glance(x.unsqueeze(0), y.unsqueeze(0), bx.unsqueeze(0), by.unsqueeze(0),
+                         mask_inner, mask_meta, need_w, need_alpha, self.inner_lr_relu,
+                         incoming_in_meta)
+        return loss[0], [ws.gw[0]] if need_w else None, [ws.ga[0]] if need_alpha else None
 
     def _probe_layout(self) -> FlatParams:
         """Store each parameter in the memory order of its vmapped meta-gradient.

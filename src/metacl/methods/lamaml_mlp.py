@@ -28,6 +28,16 @@ first-layer errors of the meta-batch, summed over the fast weights from step j o
 The remaining layers (about 11k weights) are updated explicitly, as in the general path.
 The incoming samples are rows of the meta-batch (La-MAML's meta-batch is memory + incoming),
 so T also gives the inner loop's own first-layer pre-activations.
+
+Populations (issue #16): `MLPGlance(..., members=N)` runs the glances of N independent runs
+(seeds, float hyperparameters) at once. Every buffer has a leading member dimension, every
+product is batched over it (mm -> bmm, addmm -> baddbmm; the meta-loss's per-step products over
+N*K), and the inputs are stacked per member. What batching saves is the per-operation
+overhead, mostly the inner loop's ~15 small operations per step; the products themselves cost
+N times a single run's. The zero-pixel skip keeps the union of the members' nonzero columns
+(exact for each member, but more columns than any one member's). A single run is the
+population of one, whose inner loop drops the member dimension: the same operations on the
+same memory layout, so its results are bit for bit those of a dedicated single-run glance.
 """
 
 from __future__ import annotations
@@ -40,85 +50,121 @@ threshold_backward = torch.ops.aten.threshold_backward
 
 
 def cross_entropy_and_grad(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy of (..., M, C) logits against (M,) labels, and its gradient."""
+    """Mean cross-entropy of (..., K, M, C) logits against (..., M) labels (the same M labels for
+    all K logit sets), and its gradient: one mean per leading index (shape `y.shape[:-1]`)."""
     logp = torch.log_softmax(logits, -1)
-    picked = logp.gather(-1, y.expand(*logits.shape[:-1]).unsqueeze(-1))
-    n = picked.numel()
-    grad = logp.exp_().sub_(F.one_hot(y, logits.shape[-1]).to(logits.dtype)).div_(n)
-    return picked.sum().div_(-n), grad
+    labels = y.unsqueeze(-2).expand(logits.shape[:-1])
+    picked = logp.gather(-1, labels.unsqueeze(-1))
+    n = logits.shape[-3] * logits.shape[-2]
+    onehot = F.one_hot(y, logits.shape[-1]).to(logits.dtype).unsqueeze(-3)
+    grad = logp.exp_().sub_(onehot).div_(n)
+    return picked.sum((-3, -2, -1)).div_(-n), grad
 
 
 class MLPGlance:
-    """Buffers and arithmetic of one La-MAML glance on an MLP (flat parameter order).
+    """Buffers and arithmetic of La-MAML glances on an MLP (flat parameter order), for
+    `members` independent runs at once (a population: same architecture and K, each member its
+    own weights, step sizes and batches).
 
-    w, a: (P,) working copies of the weights and alpha in `list(mlp.parameters())` order;
-    gw, ga: (P,) the meta-gradients the glance writes. Everything, down to the row views the
-    inner loop indexes, is made once per K, so an inner step is ~15 tensor operations.
+    w, a: (N, P) working copies of the weights and alpha, one row per member in
+    `list(mlp.parameters())` order (W1 stored transposed: `views(row)` gives parameter-shaped
+    views of a row); gw, ga: (N, P) the meta-gradients the glance writes. w_views, a_views:
+    member 0's parameter views (a single run: the only member). Everything, down to the row
+    views the inner loop indexes, is made once per K, so an inner step is ~15 tensor operations
+    for all members together. With one member the inner loop's views drop the member
+    dimension, so it runs the very operations (mm/addmm) of a single run.
     """
 
-    def __init__(self, mlp, k: int, like: Tensor):
+    def __init__(self, mlp, k: int, like: Tensor, members: int = 1):
         if not mlp.plain:
             raise ValueError("MLPGlance computes a plain ReLU MLP (no dropout)")
+        if members < 1:
+            raise ValueError(f"members={members}: need at least one")
         opts = {"device": like.device, "dtype": like.dtype}
         shapes = [tuple(p.shape) for p in mlp.parameters()]
         numels = [p.numel() for p in mlp.parameters()]
+        n = self.members = members
         self.k, self.hidden, self.n_out = k, shapes[0][0], shapes[-1][0]
         self.p1 = numels[0] + numels[1]  # first layer: W1, b1
         self.size = sum(numels)
         rest_shapes, rest_numels = shapes[2:], numels[2:]
         self.n_rest = len(rest_shapes) // 2  # layers 2..L
 
-        def split(flat, shapes=shapes, numels=numels):  # parameter-shaped views of (P,)
-            return [seg.view(s) for seg, s in zip(flat.split(numels), shapes)]
+        def split(flat, shapes=shapes, numels=numels):  # parameter-shaped views of (..., P)
+            lead = flat.shape[:-1]
+            return [seg.view(*lead, *s) for seg, s in zip(flat.split(numels, -1), shapes)]
 
         def split_w1t(flat):  # the same, but W1 stored transposed: (D, H) rows are contiguous
             views = split(flat)
-            views[0] = flat[:numels[0]].view(shapes[0][::-1]).t()
+            views[0] = flat[..., :numels[0]].view(*flat.shape[:-1], *shapes[0][::-1]).mT
             return views
 
-        def stacked(rows):  # per-parameter (n, *shape) views of (n, P2) rows
-            return [seg.view(rows.shape[0], *s) for seg, s in
-                    zip(rows.split(rest_numels, dim=1), rest_shapes)]
+        def rest(flat):  # layers 2..L of (..., P2): weights (..., out, in), biases (..., 1, out)
+            views = split(flat, rest_shapes, rest_numels)
+            return views[0::2], [b.unsqueeze(-2) for b in views[1::2]]
+
+        # The inner loop's per-step views: (N, ...) batched, or without the member dimension
+        # for one member (then mm/addmm instead of bmm/baddbmm: what a single run does).
+        one = n == 1
+        step = (lambda v: v[0]) if one else (lambda v: v)
+        self._mm, self._addmm = (torch.mm, torch.addmm) if one else (torch.bmm, torch.baddbmm)
+        self._step = step
 
         self.views = split_w1t
-        self.w, self.a, self.lr = (torch.zeros(self.size, **opts) for _ in range(3))
-        self.gw, self.ga = torch.zeros(self.size, **opts), torch.zeros(self.size, **opts)
-        self.w_views, self.a_views = split_w1t(self.w), split_w1t(self.a)
-        self.lr_views = split_w1t(self.lr)
-        self.gw_views, self.ga_views = split_w1t(self.gw), split_w1t(self.ga)
-        # W1 and its companions as contiguous (D, H): products read whole rows, and the rows of
-        # all-zero input pixels are skipped by gathering/scattering rows (see `glance`)
-        self.W1t, self.lrW1t = self.w_views[0].t(), self.lr_views[0].t()
-        self.gwW1t, self.gaW1t = self.gw_views[0].t(), self.ga_views[0].t()
-        self.lr_rest = self.lr[self.p1:]
-        self.gw_rest = split(self.gw[self.p1:], rest_shapes, rest_numels)
-        self.ga_rest = split(self.ga[self.p1:], rest_shapes, rest_numels)
+        self.w, self.a, self.lr = (torch.zeros(n, self.size, **opts) for _ in range(3))
+        self.gw, self.ga = torch.zeros(n, self.size, **opts), torch.zeros(n, self.size, **opts)
+        self.w_views, self.a_views = split_w1t(self.w[0]), split_w1t(self.a[0])
+        # First layer, (N, ...) views: W1 and its companions as (N, D, H), contiguous per
+        # member: products read whole rows, and the rows of all-zero input pixels are skipped
+        # by gathering/scattering rows (see `_first_layer`).
+        (self.W1t, self.b1), (self.lrW1t, self.lrb1) = (
+            (v[0].mT, v[1].unsqueeze(1)) for v in (split_w1t(self.w), split_w1t(self.lr)))
+        (self.gwW1t, self.gwb1), (self.gaW1t, self.gab1) = (
+            (v[0].mT, v[1]) for v in (split_w1t(self.gw), split_w1t(self.ga)))
+        self.lr_rest = step(self.lr[:, self.p1:])
+        self.gw_rest = split(self.gw[:, self.p1:], rest_shapes, rest_numels)  # (N, *shape)
+        self.ga_rest = split(self.ga[:, self.p1:], rest_shapes, rest_numels)
 
-        # Layers 2..L: explicit fast weights Wr (row 0 = w) and inner gradients Gr; the
-        # running sums S_k = g_1 + ... + g_k are one cumsum after the inner loop.
+        # Layers 2..L: explicit fast weights and inner gradients Gr; the running sums
+        # S_k = g_1 + ... + g_k are one product after the inner loop. Wr holds a copy of w's
+        # rows (N, P2) then the fast weights after each step (N, K, P2): for one member its
+        # rows sit where a single run's always did (GEMM results depend on the alignment of
+        # their operands, and this keeps a single run's results bit for bit).
         p2 = self.size - self.p1
-        self.Wr = torch.zeros(k + 1, p2, **opts)
-        self.Gr, self.Sr = torch.zeros(k, p2, **opts), torch.zeros(k, p2, **opts)
-        self.W_rows = [split(row, rest_shapes, rest_numels) for row in self.Wr]
-        self.Wt_rows = [[v.t() if v.dim() == 2 else v for v in row] for row in self.W_rows]
-        g_rows = [split(row, rest_shapes, rest_numels) for row in self.Gr]
-        self.gW_rows = [row[0::2] for row in g_rows]  # (out, in) weight gradients
-        self.delta_rows = [[b.view(1, -1) for b in row[1::2]] for row in g_rows]  # (1, out)
-        self.deltaT_rows = [[d.t() for d in row] for row in self.delta_rows]
-        self.Wr_flat, self.Gr_flat = list(self.Wr), list(self.Gr)  # row views, made once
-        self.W_stack, self.S_stack = stacked(self.Wr[1:]), stacked(self.Sr)
-        self.Wt_stack = [v.transpose(1, 2) if v.dim() == 3 else v.unsqueeze(1)
-                         for v in self.W_stack]
+        self.Wr = torch.zeros(n * (k + 1), p2, **opts)
+        self.W0, fast = self.Wr[:n], self.Wr[n:].view(n, k, p2)
+        self.Gr, self.Sr = torch.zeros(n, k, p2, **opts), torch.zeros(n, k, p2, **opts)
+        w_in = [self.W0] + [fast[:, i] for i in range(k - 1)]  # step i reads
+        self.W_in = [step(row) for row in w_in]
+        self.W_out = [step(fast[:, i]) for i in range(k)]  # step i writes
+        self.G_flat = [step(self.Gr[:, i]) for i in range(k)]
+        self.W_rows, self.Wt_rows, self.b_rows = [], [], []
+        for row in w_in:
+            weights, biases = rest(row)
+            self.W_rows.append([step(v) for v in weights])  # (N, out, in)
+            self.Wt_rows.append([step(v.mT) for v in weights])  # (N, in, out)
+            self.b_rows.append([step(b) for b in biases])  # (N, 1, out)
+        self.gW_rows, self.delta_rows, self.deltaT_rows = [], [], []
+        for i in range(k):
+            weights, biases = rest(self.Gr[:, i])
+            self.gW_rows.append([step(v) for v in weights])  # (N, out, in) weight gradients
+            self.delta_rows.append([step(b) for b in biases])  # (N, 1, out) bias gradients
+            self.deltaT_rows.append([step(b.mT) for b in biases])
+        # The meta-loss's (N*K, ...) stacks: member-major, step-minor.
+        self.W_stack = split(fast.view(n * k, p2), rest_shapes, rest_numels)
+        self.S_stack = split(self.Sr.view(n * k, p2), rest_shapes, rest_numels)
+        self.Wt_stack = [v.mT if v.dim() == 3 else v.unsqueeze(1) for v in self.W_stack]
 
         # First layer: inner errors e_j and the incoming rows' pre-activations.
-        self.E = torch.zeros(k, self.hidden, **opts)
-        self.E_rows = [e.view(1, -1) for e in self.E]
-        self.Zin = torch.zeros(k, self.hidden, **opts)
-        self.Z_rows = [z.view(1, -1) for z in self.Zin]
-        self.onehot = torch.zeros(k, self.n_out, **opts)
-        self.onehot_rows = [o.view(1, -1) for o in self.onehot]
+        self.E = torch.zeros(n, k, self.hidden, **opts)
+        self.E_rows = [step(self.E[:, i:i + 1]) for i in range(k)]
+        self.Zin = torch.zeros(n, k, self.hidden, **opts)
+        self.Zin_step = step(self.Zin)
+        self.Z_rows = [step(self.Zin[:, i:i + 1]) for i in range(k)]
+        self.onehot = torch.zeros(n, k, self.n_out, **opts)
+        self.onehot_rows = [step(self.onehot[:, i:i + 1]) for i in range(k)]
         # prefix @ v: sums over steps j <= k (cumsum is several times slower on CPU);
-        # suffix @ v: sums over steps k >= j.
+        # suffix @ v: sums over steps k >= j. Applied to (N, K, ...) as matmul (one member: mm).
         self.prefix = torch.ones(k, k, **opts).tril_()
         self.suffix = self.prefix.t().contiguous()
 
@@ -126,12 +172,14 @@ class MLPGlance:
     def glance(self, x: Tensor, y: Tensor, bx: Tensor, by: Tensor, mask_inner: Tensor | None,
                mask_meta: Tensor | None, need_w: bool, need_alpha: bool, relu_lr: bool,
                incoming_in_meta: bool) -> Tensor:
-        """One glance: inner loop on (x, y), meta-loss on (bx, by) at every fast weight set.
+        """One glance of every member: inner loop on (x, y), meta-loss on (bx, by) at every
+        fast weight set. Inputs are stacked per member: x (N, K, ...), y (N, K),
+        bx (N, M, ...), by (N, M).
 
         incoming_in_meta: bx ends with the K incoming samples x (La-MAML's meta-batch is
         memory + incoming), whose first-layer corrections then serve the inner loop too.
-        mask_inner (C,) / mask_meta (M, C): additive logit masks (0 or MASK_VALUE) or None.
-        Writes gw and/or ga; returns the meta-loss (a 0-dim tensor).
+        mask_inner (N, C) / mask_meta (N, M, C): additive logit masks (0 or MASK_VALUE) or None.
+        Writes gw and/or ga; returns the meta-loss of each member, (N,).
         """
         if relu_lr:
             torch.clamp_min(self.a, 0.0, out=self.lr)
@@ -144,103 +192,118 @@ class MLPGlance:
 
     def _first_layer(self, x: Tensor, bx: Tensor, incoming_in_meta: bool):
         """Meta-batch rows X, their pre-activations XW at w, the products B and corrections T
-        (below), T on the incoming rows, and the input columns kept (None: all). Writes the
-        incoming rows' pre-activations into Zin."""
-        k, m = self.k, bx.shape[0]
-        b1, lrb1 = self.w_views[1], self.lr_views[1]
-        xin = x.reshape(k, -1)
+        (below), T on the incoming rows, and the input columns kept (None: all). All (N, ...).
+        Writes the incoming rows' pre-activations into Zin."""
+        n, k, m = self.members, self.k, bx.shape[1]
+        xin = x.reshape(n, k, -1)
         if incoming_in_meta:  # La-MAML's meta-batch ends with the incoming samples
-            X, first = bx.reshape(m, -1), m - k
+            X, first = bx.reshape(n, m, -1), m - k
         else:  # rows m.. serve the inner loop only
-            X, first = torch.cat([bx.reshape(m, -1), xin]), m
-        XW = torch.addmm(b1, X, self.W1t)  # (rows, H) at w
+            X, first = torch.cat([bx.reshape(n, m, -1), xin], 1), m
+        XW = torch.baddbmm(self.b1, X, self.W1t)  # (N, rows, H) at w
 
-        # Pixels that are zero in all K incoming samples (MNIST's background: ~45% of them)
-        # add nothing to T or to the alpha gradient of W1 below, whose rows there are exactly
-        # zero: skip them. CPU only (finding them would be a host sync on a GPU).
+        # Pixels that are zero in all K incoming samples of every member (MNIST's background:
+        # ~45% of them) add nothing to T or to the alpha gradient of W1 below, whose rows there
+        # are exactly zero: skip them. CPU only (finding them would be a host sync on a GPU).
         cols, Xc, lrW1t = None, X, self.lrW1t
         if X.device.type == "cpu":
-            cols = xin.ne(0).any(0).nonzero().squeeze(1)
-            if cols.numel() > 0.8 * X.shape[1]:
+            cols = xin.reshape(n * k, -1).ne(0).any(0).nonzero().squeeze(1)
+            if cols.numel() > 0.8 * X.shape[2]:
                 cols = None
             else:
-                Xc, xin, lrW1t = X.index_select(1, cols), xin.index_select(1, cols), \
-                    lrW1t.index_select(0, cols)
+                Xc, xin, lrW1t = X.index_select(2, cols), xin.index_select(2, cols), \
+                    lrW1t.index_select(1, cols)
 
         # T[j, r] = lr_W1 (x_j * X_r) + lr_b1: the first-layer correction of every fast weight.
-        B = Xc.unsqueeze(0) * xin.unsqueeze(1)  # (K, rows, D)
-        T = torch.addmm(lrb1, B.view(-1, B.shape[-1]), lrW1t).view(k, X.shape[0], -1)
-        T_in = T[:, first:first + k].unbind(0)  # K x (K, H): on the incoming rows themselves
-        self.Zin.copy_(XW[first:first + k])
+        B = Xc.unsqueeze(1) * xin.unsqueeze(2)  # (N, K, rows, D)
+        T = torch.baddbmm(self.lrb1, B.view(n, -1, B.shape[-1]), lrW1t)
+        T = T.view(n, k, X.shape[1], -1)
+        # K x (N, K, H): step j's corrections on the incoming rows themselves
+        T_in = [self._step(t) for t in T[:, :, first:first + k].unbind(1)]
+        self.Zin.copy_(XW[:, first:first + k])
         if not incoming_in_meta:
-            X, B, T, XW = X[:m], B[:, :m], T[:, :m], XW[:m]
+            X, B, T, XW = X[:, :m], B[:, :, :m], T[:, :, :m], XW[:, :m]
         return X, XW, B, T, T_in, cols
 
-    def _inner_loop(self, y: Tensor, T_in: tuple[Tensor, ...], mask_inner: Tensor | None):
-        """K single-sample SGD steps from w (first order: no graph): writes the fast weights
-        Wr, inner gradients Gr and first-layer errors E."""
-        k = self.k
-        self.Wr[0].copy_(self.w[self.p1:])
-        self.onehot.zero_().scatter_(1, y.view(k, 1), 1.0)
-        n = self.n_rest
+    def _inner_loop(self, y: Tensor, T_in: list[Tensor], mask_inner: Tensor | None):
+        """K single-sample SGD steps from w (first order: no graph), all members at once:
+        writes the fast weights Wr, inner gradients Gr and first-layer errors E."""
+        k, n_rest, mm, addmm = self.k, self.n_rest, self._mm, self._addmm
+        self.W0.copy_(self.w[:, self.p1:])
+        self.onehot.zero_().scatter_(2, y.view(self.members, k, 1), 1.0)
+        if mask_inner is not None:
+            mask_inner = self._step(mask_inner.unsqueeze(1))  # (N, 1, C)
         for i in range(k):
             hs = [torch.relu(self.Z_rows[i])]
-            Wt, W = self.Wt_rows[i], self.W_rows[i]
-            for layer in range(n - 1):
-                hs.append(torch.addmm(W[2 * layer + 1], hs[-1], Wt[2 * layer]).relu_())
-            logits = torch.addmm(W[-1], hs[-1], Wt[-2])
+            Wt, W, b = self.Wt_rows[i], self.W_rows[i], self.b_rows[i]
+            for layer in range(n_rest - 1):
+                hs.append(addmm(b[layer], hs[-1], Wt[layer]).relu_())
+            logits = addmm(b[-1], hs[-1], Wt[-1])
             if mask_inner is not None:
                 logits.add_(mask_inner)
             delta, deltaT = self.delta_rows[i], self.deltaT_rows[i]
-            torch.sub(torch.softmax(logits, 1), self.onehot_rows[i], out=delta[-1])
-            for layer in range(n - 1, -1, -1):
-                torch.mm(deltaT[layer], hs[layer], out=self.gW_rows[i][layer])
+            torch.sub(torch.softmax(logits, -1), self.onehot_rows[i], out=delta[-1])
+            for layer in range(n_rest - 1, -1, -1):
+                # outer product delta^T h (one sample: a product, no sums)
+                torch.mul(deltaT[layer], hs[layer], out=self.gW_rows[i][layer])
                 below = delta[layer - 1] if layer else self.E_rows[i]
                 # relu': sign(h) of the relu output (threshold_backward's out= is slow)
-                torch.mul(torch.mm(delta[layer], W[2 * layer]), torch.sign(hs[layer]), out=below)
-            torch.addcmul(self.Wr_flat[i], self.lr_rest, self.Gr_flat[i], value=-1.0,
-                          out=self.Wr_flat[i + 1])
+                torch.mul(mm(delta[layer], W[layer]), torch.sign(hs[layer]), out=below)
+            torch.addcmul(self.W_in[i], self.lr_rest, self.G_flat[i], value=-1.0,
+                          out=self.W_out[i])
             if i + 1 < k:  # the later incoming rows see this step's first-layer change
-                self.Zin.addcmul_(T_in[i], self.E_rows[i], value=-1.0)
+                self.Zin_step.addcmul_(T_in[i], self.E_rows[i], value=-1.0)
+
+    def _steps_sum(self, sums: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
+        """`sums` (prefix or suffix) applied over the K steps of each member's (N, K, ...):
+        (N, K, X), or (K, X) for one member (one mm)."""
+        n, k = self.members, self.k
+        v = self._step(v.view(n, k, -1))
+        if out is None:
+            return torch.matmul(sums, v)
+        return torch.matmul(sums, v, out=self._step(out.view(n, k, -1)))
 
     def _meta_gradients(self, X, XW, B, T, cols, by, mask_meta, need_w, need_alpha, relu_lr):
-        """The meta-loss at the K fast weight sets, forward and backward at once; writes gw
-        and/or ga (derivation in the module docstring)."""
-        k, m, n, E = self.k, X.shape[0], self.n_rest, self.E
-        C = torch.mm(self.prefix, (E.unsqueeze(1) * T).view(k, -1)).view(k, m, -1)
-        # C[k] = sum_{j<=k} e_j * T[j]: (K, M, H)
-        hs = [torch.sub(XW, C).relu_()]  # (K, M, H)
+        """The meta-loss at the K fast weight sets of every member, forward and backward at
+        once; writes gw and/or ga (derivation in the module docstring)."""
+        n, k, m, n_rest, E = self.members, self.k, X.shape[1], self.n_rest, self.E
+        # C[k] = sum_{j<=k} e_j * T[j]: (N, K, M, H)
+        C = self._steps_sum(self.prefix, E.unsqueeze(2) * T).view(n, k, m, -1)
+        hs = [torch.sub(XW.unsqueeze(1), C).relu_().view(n * k, m, -1)]  # (N*K, M, H)
         ws, wts = self.W_stack, self.Wt_stack
-        for layer in range(n - 1):
+        for layer in range(n_rest - 1):
             hs.append(torch.baddbmm(wts[2 * layer + 1], hs[-1], wts[2 * layer]).relu_())
-        logits = torch.baddbmm(wts[-1], hs[-1], wts[-2])
+        logits = torch.baddbmm(wts[-1], hs[-1], wts[-2]).view(n, k, m, -1)
         if mask_meta is not None:
-            logits.add_(mask_meta)
+            logits.add_(mask_meta.unsqueeze(1))
         loss, delta = cross_entropy_and_grad(logits, by)
+        delta = delta.view(n * k, m, -1)
         if need_alpha:
-            torch.mm(self.prefix, self.Gr, out=self.Sr)  # S_k = g_1 + ... + g_k
-        for layer in range(n - 1, -1, -1):
-            gW = torch.bmm(delta.transpose(1, 2), hs[layer])  # (K, out, in): G_k
+            self._steps_sum(self.prefix, self.Gr, out=self.Sr)  # S_k = g_1 + ... + g_k
+        for layer in range(n_rest - 1, -1, -1):
+            gW = torch.bmm(delta.transpose(1, 2), hs[layer])  # (N*K, out, in): G_k
             gb = delta.sum(1)
             for g, idx in ((gW, 2 * layer), (gb, 2 * layer + 1)):
                 if need_w:
-                    torch.sum(g, 0, out=self.gw_rest[idx])
+                    torch.sum(g.view(n, k, *g.shape[1:]), 1, out=self.gw_rest[idx])
                 if need_alpha:
-                    torch.sum(g.mul_(self.S_stack[idx]), 0, out=self.ga_rest[idx])
+                    g = g.mul_(self.S_stack[idx])
+                    torch.sum(g.view(n, k, *g.shape[1:]), 1, out=self.ga_rest[idx])
             delta = threshold_backward(torch.bmm(delta, ws[2 * layer]), hs[layer], 0)
-        # first layer: delta (K, M, H); D_j = sum_{k>=j} delta_k
-        D = torch.mm(self.suffix, delta.view(k, -1)).view(k, m, -1)
+        # first layer: delta (N, K, M, H); D_j = sum_{k>=j} delta_k
+        D = self._steps_sum(self.suffix, delta).view(n, k, m, -1)
         if need_w:
-            d0 = D[0]
-            torch.mm(X.t(), d0, out=self.gwW1t)
-            torch.sum(d0, 0, out=self.gw_views[1])
+            d0 = D[:, 0]
+            torch.bmm(X.mT, d0, out=self.gwW1t)
+            torch.sum(d0, 1, out=self.gwb1)
         if need_alpha:
-            A = D.mul_(E.unsqueeze(1)).view(k * m, -1)  # rows (j, m): e_j * D_j[m]
+            A = D.mul_(E.unsqueeze(2)).view(n, k * m, -1)  # rows (j, m): e_j * D_j[m]
+            Bt = B.reshape(n, k * m, -1).mT
             if cols is None:
-                torch.mm(B.reshape(k * m, -1).t(), A, out=self.gaW1t)
+                torch.bmm(Bt, A, out=self.gaW1t)
             else:
-                self.gaW1t.zero_().index_copy_(0, cols, torch.mm(B.reshape(k * m, -1).t(), A))
-            torch.sum(A, 0, out=self.ga_views[1])
+                self.gaW1t.zero_().index_copy_(1, cols, torch.bmm(Bt, A))
+            torch.sum(A, 1, out=self.gab1)
             self.ga.neg_()
             if relu_lr:
                 self.ga.mul_(torch.sign(self.lr))  # relu'(alpha); a > 0 is much slower
