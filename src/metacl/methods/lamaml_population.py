@@ -122,10 +122,23 @@ class LaMAMLPopulation:
 
     @torch.no_grad()
     def update(self, index: list[int], inputs: list[Tensor]) -> Tensor:
-        m0 = self.first
         loss, gw, ga = self.gradients(index, inputs)
-        clip_members_([gw], m0.grad_clip_norm)
         W, A = self._rows(self.W, index), self._rows(self.A, index)
+        if W.device.type == "cpu":
+            # Each member's own outer step on its rows: the same operations, in the same order,
+            # as its separate run (a few more small operations per glance, no rounding drift).
+            for j, i in enumerate(index):
+                self.members[i].outer_step([W[j]], [A[j]], [gw[j]],
+                                           None if ga is None else [ga[j]])
+        else:  # one batched step for all members (per-member clipping and rates)
+            self.batched_outer_step(index, W, A, gw, ga)
+        self._put_rows(self.W, W, index)
+        self._put_rows(self.A, A, index)
+        return loss
+
+    def batched_outer_step(self, index, W, A, gw, ga) -> None:
+        m0 = self.first
+        clip_members_([gw], m0.grad_clip_norm)
         opt_lr, opt_wt = self.opt_lr[index], self.opt_wt[index]
         if m0.learn_lr:
             clip_members_([ga], m0.grad_clip_norm)
@@ -134,9 +147,6 @@ class LaMAMLPopulation:
             W.sub_(gw * per_member(opt_wt, gw))
         else:
             W.addcmul_(gw, A.clamp_min(0.0), value=-1.0)
-        self._put_rows(self.W, W, index)
-        self._put_rows(self.A, A, index)
-        return loss
 
     def _rows(self, state: Tensor, index: list[int]) -> Tensor:
         return state if len(index) == self.n else state[index]
