@@ -21,6 +21,7 @@ try:
         EXIT_USER_ERROR,
         bad_resume_path,
         unknown_choice,
+        unknown_key,
         unwritable_output,
     )
     from metacl.resolvers import expand_aliases  # also registers ${metacl.run_dir:...}
@@ -40,7 +41,8 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     sys.argv[1:] = expand_aliases(sys.argv[1:])  # resume=X means resume.path=X
     # Before Hydra creates an output folder (its own messages span a dozen lines).
-    problem = (unknown_choice(sys.argv[1:], Path(__file__).resolve().parent / "conf")
+    conf = Path(__file__).resolve().parent / "conf"
+    problem = (unknown_choice(sys.argv[1:], conf) or unknown_key(sys.argv[1:], conf)
                or bad_resume_path(sys.argv[1:]) or unwritable_output(sys.argv[1:]))
     if problem:
         print(f"error: {problem}", file=sys.stderr)

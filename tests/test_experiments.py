@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metacl.runner.health import DivergedError
 from metacl.runner.main import main as run_main
 
 from .conftest import CONF
@@ -92,14 +91,6 @@ def lookalike(tmp_path_factory) -> Path:
     return root
 
 
-# Meta-BGD's reference hyperparameters diverge at the first batch on this data: one inner SGD
-# step of alpha 0.1 on PcCNN takes the loss from 1.3 to ~700 (the noise of the sampled weights
-# alone does not; loss 1.9 at the mean). Whether real CIFAR behaves better is left for an issue.
-DIVERGING = {"baselines/meta_bgd_cifar100_single_pass",
-             "baselines/meta_bgd_tinyimagenet_multi_pass",
-             "baselines/meta_bgd_tinyimagenet_single_pass"}
-
-
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_file_runs_to_completed(compose, lookalike, tmp_path, name):
     cfg = compose([f"experiment={name}", *TINY, f"data_dir={lookalike}",
@@ -107,11 +98,6 @@ def test_every_experiment_file_runs_to_completed(compose, lookalike, tmp_path, n
     cfg = compose([f"experiment={name}", *TINY, f"data_dir={lookalike}",
                    f"paths.output_dir={tmp_path}",
                    *DATA_OVERRIDES.get(_source_name(cfg), [])])
-    if name in DIVERGING:  # stops with our divergence check, recorded as such
-        with pytest.raises(DivergedError):
-            run_main(cfg)
-        assert json.loads((tmp_path / "results.json").read_text())["status"] == "diverged"
-        return
     run_main(cfg)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "completed", results.get("error")

@@ -188,3 +188,32 @@ def test_experiment_files_hold_the_reference_commands(compose, cell, memories, e
         memories, epochs, glances, std, eta)
     assert (m.train_mc_iters, m.inner_batches, m.alpha_init, m.second_order) == (2, 3, 0.1, True)
     assert cfg.dataset.validation == 0.1 and cfg.dataset.scenario.class_order == "random"
+    assert cfg.model.init == "xavier_normal"  # the commands' --xav_init
+
+
+def _first_cifar_batch_loss(init: str) -> float:
+    """The look-ahead loss of the reference's CIFAR-100 single-pass Meta-BGD on one batch of
+    CIFAR-shaped inputs (uniform pixels, normalised as the datamodule does), per `model.init`."""
+    from metacl.models import PcCNN
+
+    torch.manual_seed(0)
+    info = TaskInfo(20, (3, 32, 32), 100, tuple(tuple(range(5 * t, 5 * t + 5))
+                                               for t in range(20)), "class")
+    m = MetaBGD(PcCNN((3, 32, 32), 100, init=init), info, glances=3, memories=200,
+                replay_batch_size=10, alpha_init=0.1, std_init=0.02, mean_eta=50.0,
+                train_mc_iters=2, inner_batches=3, vectorize=False)
+    x = (torch.rand(10, 3, 32, 32) - 0.5) / 0.27
+    y, t = torch.randint(5, (10,)), torch.zeros(10, dtype=torch.long)
+    loss = float(m.observe(x, y, t))
+    finite = all(torch.isfinite(p).all() for p in [*m.parameters(), *m.buffers()]
+                 if p.is_floating_point())
+    return loss if finite else math.inf
+
+
+def test_reference_initialisation_keeps_the_first_cifar_batch_finite():
+    # Issue 17: the Meta-BGD files diverged at batch 1. The reference's commands pass --xav_init;
+    # with kaiming weights the inner step of 0.1 multiplies the look-ahead loss, the (unclipped)
+    # step-size gradients reach 1e3-1e5, BGD moves the step sizes by hundreds and the third
+    # glance is NaN. With Xavier weights the loss stays near log(5).
+    assert _first_cifar_batch_loss("xavier_normal") < 3.0
+    assert _first_cifar_batch_loss("kaiming_normal") > 100.0

@@ -106,6 +106,23 @@ def test_pc_cnn_defaults_follow_input_size():
     assert custom(torch.randn(2, *CIFAR)).shape == (2, 10)
 
 
+def test_pc_cnn_initialisations():
+    # kaiming_normal (default): weight std sqrt(2 / fan_in), zero biases. xavier_normal (La-MAML's
+    # --xav_init): std sqrt(2 / (fan_in + fan_out)), conv biases std sqrt(2 / (1 + 9 C)), zero
+    # linear biases. Checked on the two layers where they differ most: the first conv, the head.
+    torch.manual_seed(0)
+    kaiming, xavier = PcCNN(CIFAR, 100), PcCNN(CIFAR, 100, init="xavier_normal")
+    (kw, kb), (xw, xb) = [list(m.parameters())[:2] for m in (kaiming, xavier)]
+    fan_in, fan_out = 3 * 9, 160 * 9
+    assert abs(kw.std() / (2 / fan_in) ** 0.5 - 1) < 0.1 and not kb.any()
+    assert abs(xw.std() / (2 / (fan_in + fan_out)) ** 0.5 - 1) < 0.1
+    assert abs(xb.std() / (2 / (1 + 9 * 160)) ** 0.5 - 1) < 0.3 and xb.abs().sum() > 0
+    head_w, head_b = list(xavier.parameters())[-2:]
+    assert abs(head_w.std() / (2 / (320 + 100)) ** 0.5 - 1) < 0.1 and not head_b.any()
+    with pytest.raises(ConfigError, match="model.init=he.*kaiming_normal, xavier_normal"):
+        PcCNN(CIFAR, 10, init="he")
+
+
 def test_resnet18_layout():
     model = ResNet18(CIFAR, 100)
     # 1 stem conv + 8 blocks * 2 convs + 3 shortcut convs = 20 conv+BN units (3 params each).

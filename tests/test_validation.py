@@ -216,6 +216,25 @@ ROWS = [
      lambda tmp: _mnist(tmp, "magic"), ["train-images-idx3-ubyte", "magic"]),
     ("MNIST labels of the wrong length", ["dataset/source=mnist", "dataset.samples_per_task=10"],
      lambda tmp: _mnist(tmp, "labels"), ["t10k-labels-idx1-ubyte", "t10k-images-idx3-ubyte"]),
+    # Keys the composed config does not have: Hydra itself refuses them while composing, so these
+    # rows ("cli") go through the real train.py, which must refuse them before Hydra starts.
+    ("key the method does not have", ["method.lr=0.5"], "cli",
+     ["method.lr", "LaMAML (method=lamaml) has no key 'lr'", "opt_lr", "+method.lr=0.5"]),
+    ("key the model does not have", ["model.foo=1"], "cli",
+     ["model.foo", "MLP (model=mlp) has no key 'foo'", "hidden, init", "+model.foo=1"]),
+    ("key the dataset does not have", ["dataset.foo=1"], "cli",
+     ["dataset.foo", "(dataset=mnist_rotations) has no key 'foo'", "n_tasks", "+dataset.foo=1"]),
+    ("key an experiment's method does not have",
+     ["experiment=baselines/er_cifar100_single_pass", "method.std_init=0.1"], "cli",
+     ["method.std_init", "ER (method=er) has no key 'std_init'", "replay_batch_size"]),
+    ("deleting a key that is not there", ["~method.lr"], "cli",
+     ["~method.lr", "no key 'lr' to delete", "opt_lr"]),
+    ("a swept key that is not there", ["-m", "method.lr=0.1,0.3"], "cli",
+     ["method.lr", "LaMAML (method=lamaml) has no key 'lr'", "+method.lr=0.1,0.3"]),
+    ("a key one job's method does not have",
+     ["-m", "method=er,finetune", "method.replay_batch_size=5"], "cli",
+     ["method.replay_batch_size", "Finetune (method=finetune) has no key 'replay_batch_size'",
+      "grad_clip_norm"]),
 ]
 
 
@@ -233,6 +252,9 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(compose, tmp_path, prev
                                                           monkeypatch, capsys, row):
     _, overrides, data, fragments = row
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    if data == "cli":
+        _refused_by_train_py(tmp_path, previous_run, overrides, fragments)
+        return
     extra = []
     if data == "missing":
         extra = [f"data_dir={tmp_path / 'nowhere'}"]
@@ -304,6 +326,42 @@ def _train_py(args, cwd):
     env = _env()
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
+
+
+def _refused_by_train_py(tmp_path, previous_run, overrides, fragments):
+    """train.py exits 2 with one `error:` line holding every fragment, before Hydra creates a
+    run or sweep folder; the run already in the output folder is untouched."""
+    before = (previous_run / "results.json").read_text()
+    new = tmp_path / "new"
+    flags = [o for o in overrides if o.startswith("-")]  # argparse: flags before overrides
+    overrides = [o for o in overrides if not o.startswith("-")]
+    result = _train_py([*flags, "debug=fast", *overrides, f"hydra.run.dir={new}",
+                        f"hydra.sweep.dir={new}", "paths.root_dir=."], tmp_path)
+    assert result.returncode == EXIT_USER_ERROR, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert not new.exists() and not (tmp_path / "outputs").exists()
+    assert (previous_run / "results.json").read_text() == before
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method=er", "method.lr=0.1"], ["+method.foo=1"], ["++method.lr=1"], ["~method.opt_lr"],
+    ["hydra.run.dir=/tmp/metacl-unused", "hydra.job.chdir=false"],
+    ["-m", "method.opt_lr=0.1,0.3"], ["-m", "method=er,finetune", "method.lr=choice(0.1)"],
+    ["-m", "method=er,finetune", "method.lr=0.1,0.3", "seed=range(0,2)"],
+    ["hparams_search=er_optuna", "method.replay_batch_size=choice(-1,10)",
+     "hydra.sweeper.n_trials=6"],
+    ["experiment=baselines/meta_bgd_cifar100_single_pass", "method.std_init=0.1"],
+    ["--cfg", "job", "method=er", "method.lr=0.1"], ["method.lr=0.1", "method=er"],
+    ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+    ["dataset/source=mnist", "dataset.source.download=true"],
+], ids=" ".join)
+def test_valid_overrides_pass_the_key_check(overrides):
+    from metacl.cli import unknown_key
+
+    assert unknown_key(overrides, ROOT / "conf") is None
 
 
 def test_cli_unknown_option_and_bad_value_exit_2_with_one_line(tmp_path, previous_run):

@@ -154,3 +154,193 @@ def bad_resume_path(argv: list[str]) -> str | None:
             return (f"resume.path={value}: {why}; allowed: the folder of a run started with "
                     "save_checkpoints=true, or resume=true (the latest run with these overrides)")
     return None
+
+
+# ------------------------------------------------------------------ keys that do not exist
+_NOT_THERE = object()
+MAX_SWEEP_COMBINATIONS = 32  # group choices a multirun's key check composes at most
+
+
+def _hydra_args(argv: list[str]):
+    """Hydra's own reading of the command line, or None when the check does not apply (help,
+    another config, a parse error: Hydra will say)."""
+    from hydra._internal.utils import get_args_parser
+
+    if "--version" in argv:  # argparse would print it here too
+        return None
+    try:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = get_args_parser().parse_args(argv)
+    except SystemExit:
+        return None
+    if (args.help or args.hydra_help or args.shell_completion or args.info
+            or args.experimental_rerun or args.config_path or args.config_name
+            or args.config_dir):
+        return None
+    return args
+
+
+def _lookup(container, key: str):
+    """The value at a dotted key of a plain container, or _NOT_THERE (nothing is resolved)."""
+    node = container
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return _NOT_THERE
+    return node
+
+
+def _missing_key_line(container, override, hint: str = "") -> str | None:
+    """`method.lr: LaMAML (method=lamaml) has no key 'lr'; its keys: ...; to add ...`, or None
+    when the key is there after all."""
+    key = override.key_or_group
+    parts = key.split(".")
+    parent, depth = container, 0  # the deepest node on the key's path that exists
+    while depth < len(parts) and isinstance(parent, dict) and parts[depth] in parent:
+        parent, depth = parent[parts[depth]], depth + 1
+    if depth == len(parts):
+        return None
+    parent_key, missing = ".".join(parts[:depth]), parts[depth]
+    if not isinstance(parent, dict):
+        return (f"{key}: '{parent_key}' is a value ({parent!r}), not a group of keys; allowed: "
+                f"{parent_key}=<value>")
+    choices = (container.get("hydra") or {}).get("runtime", {}).get("choices") or {}
+    group = parent_key.replace(".", "/")
+    if not parent_key:
+        where = "the config"
+    elif choices.get(group) is not None:
+        target = parent.get("_target_")
+        name = str(target).rsplit(".", 1)[-1] if target else parent_key
+        where = f"{name} ({group}={choices[group]})"
+    else:
+        where = f"'{parent_key}'"
+    keys = [str(k) for k in parent if not str(k).startswith("_")]
+    shown = ", ".join(keys[:40]) + (", ..." if len(keys) > 40 else "")
+    listed = f"its keys: {shown}" if keys else "it has no keys"
+    if override.is_delete():
+        return f"~{key}: {where} has no key '{missing}' to delete; {listed}"
+    return (f"{key}: {where} has no key '{missing}'; {listed}; to add a key use "
+            f"+{override.input_line}{hint}")
+
+
+def _always_there(override, conf_dir: Path) -> bool:
+    """A key of train.yaml's own body (seed, tags, resume.path, ...) or of conf/hydra/default.yaml
+    (hydra.run.dir, ...): composing only adds keys, so it exists whatever the groups choose."""
+    import yaml
+
+    if override.is_delete():
+        return False
+    key, source = override.key_or_group, conf_dir / "train.yaml"
+    if key.startswith("hydra."):
+        key, source = key.removeprefix("hydra."), conf_dir / "hydra" / "default.yaml"
+    try:
+        body = yaml.safe_load(source.read_text()) or {}
+    except Exception:  # noqa: BLE001
+        return False
+    body.pop("defaults", None)
+    return _lookup(body, key) is not _NOT_THERE
+
+
+def unknown_key(argv: list[str], conf_dir: Path) -> str | None:
+    """One line for `key=value` overrides of keys the composed config does not have
+    (`method.lr=0.5` under La-MAML, `model.foo=1`): Hydra's own message spans five lines and
+    exits 1. Composes the config as Hydra will (Hydra's compose API, sweeps left out), then in a
+    multirun once per combination of swept group choices, checking the swept keys too. Only
+    Hydra's "Could not override/delete" errors are reported; anything else is left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = _hydra_args(argv)
+    if args is None:
+        return None
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception:  # noqa: BLE001  (a syntax error: Hydra's message names it)
+        return None
+
+    def is_group(o) -> bool:
+        name = o.key_or_group
+        return o.package is not None or "/" in name or (conf_dir / name).is_dir()
+
+    keyed = [o for o in overrides if not is_group(o) and not (o.is_add() or o.is_force_add())]
+    if all(_always_there(o, conf_dir) for o in keyed):
+        return None  # nothing that could name a missing key: no composing (~0.4 s)
+    fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
+    key_sweeps = [o for o in keyed if o.is_sweep_override() and not o.is_delete()]
+    group_sweeps = [o for o in overrides if o.is_sweep_override() and is_group(o)]
+    if not group_sweeps:
+        return _compose_problem(conf_dir, fixed, overrides, key_sweeps)
+
+    # A multirun composes its base config with the default group choices and the overrides
+    # that are not swept, then every job with its own choices: the same order here.
+    swept = ", ".join(o.input_line for o in group_sweeps)
+    problem = _compose_problem(conf_dir, fixed, overrides, [], swept)
+    if problem:
+        return problem
+    combos: list[list[str]] = [[]]
+    for o in group_sweeps:
+        try:
+            values = list(o.sweep_string_iterator())
+        except Exception:  # noqa: BLE001  (glob and other sweeps: not expanded here)
+            return None
+        combos = [c + [f"{o.get_key_element()}={v}"] for c in combos for v in values]
+        if len(combos) > MAX_SWEEP_COMBINATIONS:
+            return None  # the jobs' own composition will tell
+    for combo in combos:
+        problem = _compose_problem(conf_dir, fixed + combo, overrides, key_sweeps)
+        if problem:
+            return problem
+    return None
+
+
+def _compose_problem(conf_dir: Path, lines: list[str], overrides, key_sweeps,
+                     swept: str = "") -> str | None:
+    """Compose `lines`; the one-line problem of a key Hydra could not override, else None."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+
+    def composed(lines_):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3",
+                                   job_name="train"):
+            cfg = compose("train", overrides=lines_, return_hydra_config=True)
+        return OmegaConf.to_container(cfg, resolve=False)
+
+    first, remaining = None, list(lines)
+    while True:  # drop the keys Hydra cannot override until the rest composes
+        try:
+            container = composed(remaining)
+            break
+        except ConfigCompositionException as err:
+            text = str(err)
+            if not (text.startswith("Could not override")
+                    or text.startswith("Could not delete") and "does not exist" in text):
+                return None  # another problem (such as ~key=<another value>): Hydra's message
+            quoted = text.split("\n")[0]
+            bad = next((o for o in overrides if f"'{o.key_or_group}'" in quoted
+                        and o.input_line in remaining), None)
+            if bad is None:
+                return None
+            first = first or bad
+            remaining.remove(bad.input_line)
+        except Exception:  # noqa: BLE001  (anything else: Hydra's message)
+            return None
+    if first is not None:
+        hint = ""
+        if swept:
+            value = first.input_line.split("=", 1)[1]
+            hint = (f" (a multirun applies keys that are not swept to the default choices "
+                    f"before sweeping {swept}; to set it in every job, sweep it: "
+                    f"{first.key_or_group}=choice({value}))")
+        return _missing_key_line(container, first, hint)
+    for o in key_sweeps:
+        if _lookup(container, o.key_or_group) is _NOT_THERE:
+            return _missing_key_line(container, o)
+    return None
