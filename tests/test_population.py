@@ -216,3 +216,113 @@ def test_bad_max_members_is_one_line(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("error: hydra.launcher.max_members=0")
     assert not list((tmp_path / "pop").rglob("results.json"))
+
+
+# ------------------------------------------------------------------------------ few-shot
+# Seed populations of MAML, FOMAML and ProtoNet (metacl.fewshot.population): 10 meta-batches
+# of members trained together equal their separate runs (MetaLearner.training_step, as the
+# Trainer calls it). Conv4 on the CPU: the method's per-task loop (each member's own
+# meta_step, bit-identical gradients); MLPs: vmap over members around the per-task vmap.
+FEW_SHOT = ["dataset=digits_fewshot", "model=conv4", "model.channels=8", "logger=none",
+            "method.meta_batch_size=3", "dataset.query=3"]
+SINUSOID = ["dataset=sinusoid", "model=mlp", "model.hidden=[20,20]", "logger=none",
+            "method.meta_batch_size=4"]
+META_BATCHES = 10
+FEW_SHOT_MEMBERS = {  # name: (overrides shared by the members, vmapped population)
+    # clipping by value that bites (per member) and a StepLR halving every 4 meta-batches
+    "maml": ([*FEW_SHOT, "method=maml", "method.meta_grad_clip=0.05", "method.lr_step=4"],
+             False),
+    "fomaml": ([*FEW_SHOT, "method=fomaml", "method.inner_steps=2"], False),
+    "protonet": ([*FEW_SHOT, "method=protonet", "method.lr_step=4", "dataset.train_ways=7"],
+                 False),
+    "maml_vmap": ([*SINUSOID, "method=maml", "method.meta_grad_clip=0.5"], True),
+    "fomaml_vmap": ([*SINUSOID, "method=fomaml", "method.lr_step=4"], True),
+    "protonet_vmap": (["dataset=digits_fewshot", "model=mlp", "model.hidden=[32,32]",
+                       "logger=none", "dataset.query=3", "method=protonet",
+                       "method.vectorize=vmap", "method.meta_batch_size=2"], True),
+}
+
+
+def build_learner(overrides: list[str], dtype):
+    """A few-shot member as the runner prepares one (seed, data, backbone, method)."""
+    cfg = compose_cfg(overrides)
+    pl.seed_everything(cfg.seed, verbose=False)
+    dm = instantiate(cfg.dataset).build()
+    info = dm.episode_info
+    backbone = instantiate(cfg.model, input_shape=info.input_shape, n_outputs=info.n_outputs)
+    method = instantiate(cfg.method, _partial_=True)(backbone=backbone, episode_info=info)
+    method.to(dtype)
+    found = method.configure_optimizers()
+    opt, scheds = (found, []) if isinstance(found, torch.optim.Optimizer) else \
+        (found[0][0], found[1])
+    method.optimizers = lambda: opt  # training_step without a Trainer
+    method.lr_schedulers = lambda: scheds[0] if scheds else None
+    dm.meta_batch_size = method.meta_batch_size
+    return method, dm
+
+
+def meta_batch(dm, dtype):
+    episodes = dm.draw_train(dm.meta_batch_size)
+    return type(episodes)(*(t.to(dtype) if t.is_floating_point() else t for t in episodes))
+
+
+def learner_separate(overrides, dtype):
+    method, dm = build_learner(overrides, dtype)
+    for i in range(META_BATCHES):
+        method.training_step(meta_batch(dm, dtype), i)
+    return method
+
+
+def learners_together(member_overrides, dtype, vmapped):
+    built = [build_learner(ov, dtype) for ov in member_overrides]
+    members = [m for m, _ in built]
+    randoms = [MemberRandom(torch.device("cpu")) for _ in members]
+    pop = type(members[0]).population_class(members)
+    assert pop.vmapped == vmapped
+    for _ in range(META_BATCHES):
+        batches = []
+        for (_, dm), r in zip(built, randoms):
+            with r:
+                batches.append(meta_batch(dm, dtype))
+        losses = pop.observe(batches, randoms, 0)
+        assert losses.shape == (len(members),) and bool(torch.isfinite(losses).all())
+    pop.write_back()
+    return members
+
+
+def optimizer_tensors(method) -> dict:
+    """Adam's state and the learning rate, by parameter position (a checkpoint's view)."""
+    state = method.optimizers().state_dict()
+    out = {f"opt.{i}.{k}": v.detach().double().reshape(-1) for i, s in state["state"].items()
+           for k, v in s.items()}
+    out["lr"] = torch.tensor([state["param_groups"][0]["lr"]], dtype=torch.float64)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(FEW_SHOT_MEMBERS))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)],
+                         ids=["float32", "float64"])
+def test_few_shot_members_trained_together_equal_their_separate_runs(name, dtype, tol):
+    common, vmapped = FEW_SHOT_MEMBERS[name]
+    overrides = [[*common, "seed=0"], [*common, "seed=1"]]
+    pop = learners_together(overrides, dtype, vmapped)
+    first = None
+    for member, ov in zip(pop, overrides):
+        alone = learner_separate(ov, dtype)
+        a, b = state(alone), state(member)
+        assert a.keys() == b.keys()
+        initial = state(build_learner(ov, dtype)[0])
+        moved = max(float((a[k] - initial[k]).abs().max()) for k in a)
+        assert moved > 1e-3, "training changed nothing: the comparison would be empty"
+        oa, ob = optimizer_tensors(alone), optimizer_tensors(member)
+        assert oa.keys() == ob.keys() and len(oa) > 1
+        for k in [*a, *oa]:
+            x, y = (a[k], b[k]) if k in a else (oa[k], ob[k])
+            err = float((x - y).abs().max() / (x.abs().max() + 1e-12))
+            assert err <= tol, f"{name} {ov[-1]}: {k} differs by {err:.2e} (relative)"
+        if first is None:
+            first = a
+        else:  # the members really are different runs
+            assert max(float((first[k] - a[k]).abs().max()) for k in a) > 1e-3
+    if "lr_step=4" in " ".join(common):  # the schedule halved the rate twice
+        assert optimizer_tensors(pop[0])["lr"].item() == pytest.approx(0.001 / 4)
