@@ -281,3 +281,229 @@ def test_a_stopped_population_resumes_as_a_whole_to_the_uninterrupted_matrices(
         assert resumed["status"] == "completed"
         assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
         assert resumed["population"] == {"members": 2, "index": k}
+
+
+# ------------------------------------------------------------------------------ few-shot
+# Seed populations of MAML, FOMAML and ProtoNet (metacl.fewshot.population): 10 meta-batches
+# of members trained together equal their separate runs (MetaLearner.training_step, as the
+# Trainer calls it). Conv4 on the CPU: the method's per-task loop (each member's own
+# meta_step, bit-identical gradients); MLPs: vmap over members around the per-task vmap.
+FEW_SHOT = ["dataset=digits_fewshot", "model=conv4", "model.channels=8", "logger=none",
+            "method.meta_batch_size=3", "dataset.query=3"]
+SINUSOID = ["dataset=sinusoid", "model=mlp", "model.hidden=[20,20]", "logger=none",
+            "method.meta_batch_size=4"]
+META_BATCHES = 10
+FEW_SHOT_MEMBERS = {  # name: (overrides shared by the members, vmapped population)
+    # clipping by value that bites (per member) and a StepLR halving every 4 meta-batches
+    "maml": ([*FEW_SHOT, "method=maml", "method.meta_grad_clip=0.05", "method.lr_step=4"],
+             False),
+    "fomaml": ([*FEW_SHOT, "method=fomaml", "method.inner_steps=2"], False),
+    "protonet": ([*FEW_SHOT, "method=protonet", "method.lr_step=4", "dataset.train_ways=7"],
+                 False),
+    "maml_vmap": ([*SINUSOID, "method=maml", "method.meta_grad_clip=0.5"], True),
+    "fomaml_vmap": ([*SINUSOID, "method=fomaml", "method.lr_step=4"], True),
+    "protonet_vmap": (["dataset=digits_fewshot", "model=mlp", "model.hidden=[32,32]",
+                       "logger=none", "dataset.query=3", "method=protonet",
+                       "method.vectorize=vmap", "method.meta_batch_size=2"], True),
+}
+
+
+def build_learner(overrides: list[str], dtype):
+    """A few-shot member as the runner prepares one (seed, data, backbone, method)."""
+    cfg = compose_cfg(overrides)
+    pl.seed_everything(cfg.seed, verbose=False)
+    dm = instantiate(cfg.dataset).build()
+    info = dm.episode_info
+    backbone = instantiate(cfg.model, input_shape=info.input_shape, n_outputs=info.n_outputs)
+    method = instantiate(cfg.method, _partial_=True)(backbone=backbone, episode_info=info)
+    method.to(dtype)
+    found = method.configure_optimizers()
+    opt, scheds = (found, []) if isinstance(found, torch.optim.Optimizer) else \
+        (found[0][0], found[1])
+    method.optimizers = lambda: opt  # training_step without a Trainer
+    method.lr_schedulers = lambda: scheds[0] if scheds else None
+    dm.meta_batch_size = method.meta_batch_size
+    return method, dm
+
+
+def meta_batch(dm, dtype):
+    episodes = dm.draw_train(dm.meta_batch_size)
+    return type(episodes)(*(t.to(dtype) if t.is_floating_point() else t for t in episodes))
+
+
+def learner_separate(overrides, dtype):
+    method, dm = build_learner(overrides, dtype)
+    for i in range(META_BATCHES):
+        method.training_step(meta_batch(dm, dtype), i)
+    return method
+
+
+def learners_together(member_overrides, dtype, vmapped):
+    built = [build_learner(ov, dtype) for ov in member_overrides]
+    members = [m for m, _ in built]
+    randoms = [MemberRandom(torch.device("cpu")) for _ in members]
+    pop = type(members[0]).population_class(members)
+    assert pop.vmapped == vmapped
+    for _ in range(META_BATCHES):
+        batches = []
+        for (_, dm), r in zip(built, randoms):
+            with r:
+                batches.append(meta_batch(dm, dtype))
+        losses = pop.observe(batches, randoms, 0)
+        assert losses.shape == (len(members),) and bool(torch.isfinite(losses).all())
+    pop.write_back()
+    return members
+
+
+def optimizer_tensors(method) -> dict:
+    """Adam's state and the learning rate, by parameter position (a checkpoint's view)."""
+    state = method.optimizers().state_dict()
+    out = {f"opt.{i}.{k}": v.detach().double().reshape(-1) for i, s in state["state"].items()
+           for k, v in s.items()}
+    out["lr"] = torch.tensor([state["param_groups"][0]["lr"]], dtype=torch.float64)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(FEW_SHOT_MEMBERS))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)],
+                         ids=["float32", "float64"])
+def test_few_shot_members_trained_together_equal_their_separate_runs(name, dtype, tol):
+    common, vmapped = FEW_SHOT_MEMBERS[name]
+    overrides = [[*common, "seed=0"], [*common, "seed=1"]]
+    pop = learners_together(overrides, dtype, vmapped)
+    first = None
+    for member, ov in zip(pop, overrides):
+        alone = learner_separate(ov, dtype)
+        a, b = state(alone), state(member)
+        assert a.keys() == b.keys()
+        initial = state(build_learner(ov, dtype)[0])
+        moved = max(float((a[k] - initial[k]).abs().max()) for k in a)
+        assert moved > 1e-3, "training changed nothing: the comparison would be empty"
+        oa, ob = optimizer_tensors(alone), optimizer_tensors(member)
+        assert oa.keys() == ob.keys() and len(oa) > 1
+        for k in [*a, *oa]:
+            x, y = (a[k], b[k]) if k in a else (oa[k], ob[k])
+            err = float((x - y).abs().max() / (x.abs().max() + 1e-12))
+            assert err <= tol, f"{name} {ov[-1]}: {k} differs by {err:.2e} (relative)"
+        if first is None:
+            first = a
+        else:  # the members really are different runs
+            assert max(float((first[k] - a[k]).abs().max()) for k in a) > 1e-3
+    if "lr_step=4" in " ".join(common):  # the schedule halved the rate twice
+        assert optimizer_tensors(pop[0])["lr"].item() == pytest.approx(0.001 / 4)
+
+
+def test_few_shot_methods_group_over_seeds_and_the_others_say_why():
+    few = ["dataset=digits_fewshot", "model=conv4"]
+    groups = group_jobs(cfgs([*few, "method=maml", "seed=0"], [*few, "method=maml", "seed=1"],
+                             [*few, "method=protonet", "seed=0"],
+                             [*few, "method=protonet", "seed=1"],
+                             [*few, "method=anil", "seed=0"], [*few, "method=anil", "seed=1"],
+                             [*few, "method=maml", "seed=2", "method.meta_lr=0.01"]), 8)
+    assert [g.jobs for g in groups] == [[0, 1], [2, 3], [4], [5], [6]]
+    assert groups[0].keys == ["seed"]
+    assert "ANIL has no population implementation" in groups[2].why_alone
+    assert groups[4].why_alone  # meta_lr is not a population key of MAML
+
+
+def test_few_shot_members_that_cannot_train_together_are_refused_with_a_reason():
+    from types import SimpleNamespace
+
+    from metacl.population.episodic import EpisodicPopulationLoop
+
+    def member(precision="32-true", position=None):
+        resume = None if position is None else SimpleNamespace(
+            boundary={"position": {"epoch": position[0], "batch": position[1]}})
+        cfg = compose_cfg(["dataset=digits_fewshot", "method=maml",
+                           f"trainer.precision={precision}"])
+        return SimpleNamespace(loop=SimpleNamespace(session=SimpleNamespace(cfg=cfg),
+                                                    resume=resume))
+
+    assert EpisodicPopulationLoop.blocker([member(), member()]) is None
+    assert EpisodicPopulationLoop.blocker([member(position=(1, 2)),
+                                           member(position=(1, 2))]) is None
+    assert "32-true" in EpisodicPopulationLoop.blocker([member("bf16-mixed"), member()])
+    assert "resume at different" in EpisodicPopulationLoop.blocker(
+        [member(position=(1, 2)), member()])
+
+
+def test_few_shot_population_sweep_writes_each_jobs_own_run_equal_to_the_separate_runs(
+        tmp_path):
+    """2 epochs of 3 meta-batches, a checkpoint every 2 (inside the epochs), val episodes
+    after each epoch: the population's results and last.ckpt equal the separate runs'."""
+    common = ["-m", "seed=0,1", "method=maml", "debug=fast", "dataset=digits_fewshot",
+              "model=conv4", "model.channels=8", "method.meta_batch_size=2",
+              "method.inner_steps_test=2", "method.n_epochs=2", "dataset.limit_tasks=3",
+              "dataset.val_episodes=5", "dataset.limit_test_per_task=20",
+              "checkpoint.every_n_steps=2", "logger=none"]
+    pop = train([*common, "hydra/launcher=population", "hydra.sweep.dir=pop"], tmp_path)
+    assert pop.returncode == 0, pop.stderr[-3000:]
+    assert "population of 2 jobs" in pop.stderr and "one by one" not in pop.stderr
+    alone = train([*common, "hydra.sweep.dir=alone"], tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    accuracies = []
+    for k in range(2):
+        [name] = [p.name for p in (tmp_path / "alone").glob(f"{k}_*")]
+        a = json.loads((tmp_path / "alone" / name / "results.json").read_text())
+        p = json.loads((tmp_path / "pop" / name / "results.json").read_text())
+        assert p["status"] == "completed"
+        assert p["population"] == {"members": 2, "index": k}
+        assert p["metrics"]["test_acc"] == a["metrics"]["test_acc"]
+        for key in ("test_acc_per_step", "test_loss_per_step", "val_acc_per_epoch"):
+            assert p["metrics"][key] == a["metrics"][key], key
+        assert len(p["metrics"]["val_acc_per_epoch"]) == 2
+        accuracies.append(p["metrics"]["test_acc_per_step"])
+        ca, cp = (torch.load(tmp_path / d / name / "checkpoints" / "last.ckpt",
+                             weights_only=True) for d in ("alone", "pop"))
+        assert cp["step"] == ca["step"] == 6 and cp["position"] == ca["position"]
+        for key, value in ca["method_state"].items():
+            assert torch.equal(cp["method_state"][key], value), key
+        sa, sp = ca["optimizer_states"][0]["state"], cp["optimizer_states"][0]["state"]
+        assert sa.keys() == sp.keys() and sa
+        for i in sa:
+            assert all(torch.equal(sp[i][key], sa[i][key]) for key in sa[i])
+        assert torch.equal(cp["generator"], ca["generator"])
+    assert accuracies[0] != accuracies[1]  # two seeds, two different runs
+
+
+def test_a_stopped_few_shot_population_resumes_to_the_separate_runs_results(tmp_path):
+    """SIGTERM once the members saved a checkpoint inside an epoch; the same command with
+    resume=true goes on as a population (weights, Adam and StepLR states, episode
+    generators, random states) and ends with the separate runs' results."""
+    import os
+    import signal
+    import time
+
+    common = ["-m", "seed=0,1", "method=maml", "debug=fast", "dataset=digits_fewshot",
+              "model=conv4", "model.channels=8", "method.meta_batch_size=2",
+              "method.inner_steps_test=2", "method.n_epochs=2", "dataset.limit_tasks=30",
+              "dataset.val_episodes=5", "dataset.limit_test_per_task=20", "method.lr_step=7",
+              "checkpoint.every_n_steps=4", "logger=none"]
+    pop = [*common, "hydra/launcher=population", "hydra.sweep.dir=pop"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *pop], cwd=tmp_path,
+                            env={**os.environ, "WANDB_MODE": "disabled"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while (not list((tmp_path / "pop").glob("*/checkpoints/last.ckpt"))
+           and proc.poll() is None and time.monotonic() < deadline):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    stopped = [json.loads(p.read_text()) for p in (tmp_path / "pop").glob("*/results.json")]
+    assert [s["status"] for s in stopped] == ["interrupted", "interrupted"]
+    positions = [torch.load(p, weights_only=True)["position"]
+                 for p in (tmp_path / "pop").glob("*/checkpoints/last.ckpt")]
+    assert positions[0] == positions[1] and positions[0]["epoch"] == 0, positions
+    resumed = train([*pop, "resume=true"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "population of 2 jobs" in resumed.stderr
+    alone = train([*common, "hydra.sweep.dir=alone"], tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    for k in range(2):
+        [name] = [p.name for p in (tmp_path / "alone").glob(f"{k}_*")]
+        a = json.loads((tmp_path / "alone" / name / "results.json").read_text())
+        p = json.loads((tmp_path / "pop" / name / "results.json").read_text())
+        assert p["status"] == "completed" and p["population"] == {"members": 2, "index": k}
+        for key in ("test_acc", "test_acc_per_step", "test_loss_per_step", "val_acc_per_epoch"):
+            assert p["metrics"][key] == a["metrics"][key], key

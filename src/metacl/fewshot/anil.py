@@ -12,4 +12,5 @@ from metacl.fewshot.maml import MAML
 
 
 class ANIL(MAML):
+    population_class = None  # not yet checked against separate runs: one run at a time
     head_only = True

@@ -52,6 +52,17 @@ class MetaLearner(pl.LightningModule):
     # Lightning precisions (trainer.precision) under which this learner's meta-updates are
     # correct; the runner refuses the others. Add "bf16-mixed" only where a bf16 run was checked.
     precisions: tuple[str, ...] = ("32-true",)
+    # Population runs (hydra/launcher=population; metacl.fewshot.population): the float
+    # hyperparameters members may differ in (none: a few-shot population is a seed sweep) and
+    # the class that trains them together; None: one run at a time.
+    population_keys: tuple[str, ...] = ()
+    population_class = None
+
+    def population_blocker(self) -> str | None:
+        """Why this built learner cannot train in a population (None: it can)."""
+        from metacl.fewshot.population import blocker
+
+        return blocker(self)
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ FINETUNE = ("all", "head")
 
 
 class PretrainFinetune(MAML):
+    population_class = None  # its own meta_step and head: one run at a time
     def __init__(self, backbone, episode_info=None, inner_lr: float = 0.1,
                  inner_steps_test: int = 10, finetune: str = "all", **kwargs):
         super().__init__(backbone, episode_info, inner_lr=inner_lr, inner_steps=0,

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.func import grad
 
 from metacl.fewshot.base import MetaLearner
+from metacl.fewshot.population import MetaPopulation
 
 
 def inner_loop(fast: list[Tensor], rates: Sequence, loss_fn: Callable[[list[Tensor]], Tensor],
@@ -57,6 +58,8 @@ class MAML(MetaLearner):
     precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
     # Adapt only the final linear layer in the inner loop (ANIL sets this).
     head_only = False
+    # Seed populations (second and first order; subclasses set their own).
+    population_class = MetaPopulation
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ from metacl.fewshot.maml import MAML
 
 
 class MetaSGD(MAML):
+    population_class = None  # not yet checked against separate runs: one run at a time
     def __init__(self, backbone, episode_info=None, inner_lr: float = 0.4,
                  lr_per: str = "element", **kwargs):
         super().__init__(backbone, episode_info, inner_lr=inner_lr, **kwargs)

@@ -19,10 +19,12 @@ from torch import Tensor
 
 from metacl.errors import ConfigError
 from metacl.fewshot.base import MetaLearner
+from metacl.fewshot.population import MetaPopulation
 
 
 class ProtoNet(MetaLearner):
     precisions = ("32-true", "bf16-mixed")  # bf16 checked: docs/methods.md, "Precisions"
+    population_class = MetaPopulation  # seed populations
 
     def __init__(self, backbone, episode_info=None, **kwargs):
         super().__init__(backbone, episode_info, **kwargs)

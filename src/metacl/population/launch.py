@@ -13,6 +13,7 @@ from omegaconf import DictConfig, open_dict
 
 from metacl.checkpoint import Interrupted
 from metacl.cli import user_error
+from metacl.population.episodic import EpisodicPopulationLoop
 from metacl.population.grouping import group_jobs
 from metacl.population.loop import PopulationLoop
 from metacl.population.members import Member, MemberRandom
@@ -106,19 +107,28 @@ def prepare_member(launcher, index: int, config: DictConfig) -> Member:
     return member
 
 
+# The population loop of each protocol (a method's `protocol`): continual streams, few-shot
+# episodes (metacl.population.episodic).
+POPULATION_LOOPS = {"continual": PopulationLoop, "episodic": EpisodicPopulationLoop}
+
+
 def train_members(members: list[Member]) -> None:
-    """The prepared members together (PopulationLoop), or one by one when one of them cannot
-    join a population; every JobReturn gets its job's metric."""
+    """The prepared members together (their protocol's population loop), or one by one when
+    one of them cannot join a population; every JobReturn gets its job's metric."""
     ready = [m for m in members if m.active]
     blockers = {m.method.population_blocker() for m in ready} - {None}
     protocols = {m.method.protocol for m in ready}
+    loop = POPULATION_LOOPS.get(protocols.pop()) if len(protocols) == 1 else None
+    if loop is None and ready:
+        blockers.add("no population loop for these jobs' protocols")
+    elif len(ready) > 1 and not blockers and hasattr(loop, "blocker"):
+        blockers |= {loop.blocker(ready)} - {None}
     try:
-        if len(ready) > 1 and not blockers and protocols == {"continual"}:
-            PopulationLoop(ready).run()
+        if len(ready) > 1 and not blockers:
+            loop(ready).run()
         else:
-            if ready and (blockers or protocols != {"continual"}):
-                why = "; ".join(sorted(blockers)) or "few-shot runs train one by one"
-                console.print(f"these jobs train one by one: {why}")
+            if ready and blockers:
+                console.print(f"these jobs train one by one: {'; '.join(sorted(blockers))}")
             for m in ready:
                 run_alone(m)
     except Interrupted as err:

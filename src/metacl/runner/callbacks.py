@@ -111,15 +111,20 @@ class ValidationCallback(pl.Callback):
         self.seconds = 0.0
 
     def on_train_epoch_end(self, trainer, pl_module):
-        synchronize(pl_module.device)
+        self.evaluate(pl_module, trainer.current_epoch)
+
+    def evaluate(self, method, epoch: int) -> None:
+        """The val episodes after `epoch` (0-based), logged at the stream's step (also called
+        by a population, which trains without a Trainer)."""
+        synchronize(method.device)
         started = time.perf_counter()
-        out = self.evaluator.episodes(pl_module, "val")
-        metrics = self.metrics(out, "val", pl_module.classification)
-        key = "val_acc" if pl_module.classification else "val_mse"
+        out = self.evaluator.episodes(method, "val")
+        metrics = self.metrics(out, "val", method.classification)
+        key = "val_acc" if method.classification else "val_mse"
         self.history.append(metrics[key])
         self.last = {k: v for k, v in metrics.items() if not isinstance(v, list)}
-        self.run_logger.log_metrics({f"fewshot/{key}": metrics[key],
-                                     "epoch": trainer.current_epoch}, self.stream.step)
+        self.run_logger.log_metrics({f"fewshot/{key}": metrics[key], "epoch": epoch},
+                                    self.stream.step)
         self.seconds += time.perf_counter() - started
 
 

@@ -181,27 +181,50 @@ class EpisodicLoop:
         return metrics
 
     def run(self) -> float:
-        session, record = self.session, self.record
+        """The whole run: resume or start, meta-train, finish; the optimized metric."""
+        session = self.session
         if self.resume is not None:
             self.continue_checkpoint()
-        stem = "acc" if self.info.classification else "mse"
         try:
             with session.signals, self.progress:
                 self.meta_train()
-            record.timing["train_seconds"] = self.train_seconds()
-            metrics = self.test()
-            record.data["metrics"] = metrics
-            record.data["status"] = "completed"
-            record.save()
-            self.save_state(self.max_epochs, 0)  # the trained learner; resume=true reports it
-            session.logger.log_metrics({f"fewshot/test_{stem}_step_{k}": v for k, v in
-                                        enumerate(metrics[f"test_{stem}_per_step"])},
-                                       self.stream.step)
-            session.finish({k: v for k, v in metrics.items() if not isinstance(v, list)})
+            self.finish()
         except BaseException as err:
-            record.timing["train_seconds"] = self.train_seconds()
-            session.fail(err, record.data["metrics"] or {})
+            self.fail(err)
             raise
+        return self.report()
+
+    # ------------------------------------------------------------------ endings
+    # A population (metacl.population.episodic) trains its members together, then calls these
+    # for every member, so a member's folder, results and logger end as its separate run's.
+    def finish(self) -> None:
+        """After meta-training: test, results.json, the final checkpoint, the logger."""
+        session, record = self.session, self.record
+        stem = "acc" if self.info.classification else "mse"
+        record.timing["train_seconds"] = self.train_seconds()
+        metrics = self.test()
+        record.data["metrics"] = metrics
+        record.data["status"] = "completed"
+        record.save()
+        self.save_state(self.max_epochs, 0)  # the trained learner; resume=true reports it
+        session.logger.log_metrics({f"fewshot/test_{stem}_step_{k}": v for k, v in
+                                    enumerate(metrics[f"test_{stem}_per_step"])},
+                                   self.stream.step)
+        session.finish({k: v for k, v in metrics.items() if not isinstance(v, list)})
+
+    def summary(self) -> dict:
+        return self.record.data["metrics"] or {}
+
+    def fail(self, err: BaseException) -> None:
+        """Record why the run stopped (its training time so far), close the logger."""
+        self.record.timing["train_seconds"] = self.train_seconds()
+        self.session.fail(err, self.summary())
+
+    def report(self) -> float:
+        """The finished run's line; its optimized metric."""
+        session, record = self.session, self.record
+        stem = "acc" if self.info.classification else "mse"
+        metrics = record.data["metrics"]
         timing, per_step = record.timing, metrics[f"test_{stem}_per_step"]
         say(
             f"[bold]{session.name}[/bold]: test_{stem} {metrics[f'test_{stem}']:.4f} ± "
