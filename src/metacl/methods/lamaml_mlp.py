@@ -53,12 +53,13 @@ def cross_entropy_and_grad(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Mean cross-entropy of (..., K, M, C) logits against (..., M) labels (the same M labels for
     all K logit sets), and its gradient: one mean per leading index (shape `y.shape[:-1]`)."""
     logp = torch.log_softmax(logits, -1)
-    labels = y.unsqueeze(-2).expand(logits.shape[:-1])
-    picked = logp.gather(-1, labels.unsqueeze(-1))
+    lead = y.shape[:-1]
+    if lead:  # (..., 1, M): the same labels for the K logit sets
+        y = y.unsqueeze(-2)
+    picked = logp.gather(-1, y.expand(logits.shape[:-1]).unsqueeze(-1))
     n = logits.shape[-3] * logits.shape[-2]
-    onehot = F.one_hot(y, logits.shape[-1]).to(logits.dtype).unsqueeze(-3)
-    grad = logp.exp_().sub_(onehot).div_(n)
-    return picked.sum((-3, -2, -1)).div_(-n), grad
+    grad = logp.exp_().sub_(F.one_hot(y, logits.shape[-1]).to(logits.dtype)).div_(n)
+    return (picked.sum((-3, -2, -1)) if lead else picked.sum()).div_(-n), grad
 
 
 class MLPGlance:
@@ -71,8 +72,12 @@ class MLPGlance:
     views of a row); gw, ga: (N, P) the meta-gradients the glance writes. w_views, a_views:
     member 0's parameter views (a single run: the only member). Everything, down to the row
     views the inner loop indexes, is made once per K, so an inner step is ~15 tensor operations
-    for all members together. With one member the inner loop's views drop the member
-    dimension, so it runs the very operations (mm/addmm) of a single run.
+    for all members together.
+
+    Inside a glance every tensor has the member dimension first, (N, ...), except for a single
+    member, where it is dropped: then the glance runs mm/addmm on 2-D tensors, the very
+    operations of a single-run glance, instead of bmm/baddbmm on a batch of one (those cost a
+    few microseconds more each, ~5% of a glance). Dimensions are therefore counted from the end.
     """
 
     def __init__(self, mlp, k: int, like: Tensor, members: int = 1):
@@ -103,27 +108,30 @@ class MLPGlance:
             views = split(flat, rest_shapes, rest_numels)
             return views[0::2], [b.unsqueeze(-2) for b in views[1::2]]
 
-        # The inner loop's per-step views: (N, ...) batched, or without the member dimension
-        # for one member (then mm/addmm instead of bmm/baddbmm: what a single run does).
+        # "member space": (N, ...) as it is, or (1, ...) without its member dimension
         one = n == 1
-        step = (lambda v: v[0]) if one else (lambda v: v)
+        ms = self._ms = (lambda v: v[0]) if one else (lambda v: v)
+        self._lead = () if one else (n,)
         self._mm, self._addmm = (torch.mm, torch.addmm) if one else (torch.bmm, torch.baddbmm)
-        self._step = step
+        self._sums_mm = torch.mm if one else torch.matmul  # (K, K) @ (..., K, X)
+        # (N*K, ...) stacks as (..., K, ...), and the dimension of their K steps
+        self._by_step = (lambda g: g) if one else (lambda g: g.view(n, k, *g.shape[1:]))
+        self._kdim = 0 if one else 1
 
         self.views = split_w1t
         self.w, self.a, self.lr = (torch.zeros(n, self.size, **opts) for _ in range(3))
         self.gw, self.ga = torch.zeros(n, self.size, **opts), torch.zeros(n, self.size, **opts)
         self.w_views, self.a_views = split_w1t(self.w[0]), split_w1t(self.a[0])
-        # First layer, (N, ...) views: W1 and its companions as (N, D, H), contiguous per
-        # member: products read whole rows, and the rows of all-zero input pixels are skipped
-        # by gathering/scattering rows (see `_first_layer`).
+        # W1 and its companions as (D, H), contiguous per member: products read whole rows,
+        # and the rows of all-zero input pixels are skipped by gathering/scattering rows (see
+        # `_first_layer`).
         (self.W1t, self.b1), (self.lrW1t, self.lrb1) = (
-            (v[0].mT, v[1].unsqueeze(1)) for v in (split_w1t(self.w), split_w1t(self.lr)))
+            (ms(v[0].mT), ms(v[1].unsqueeze(1))) for v in (split_w1t(self.w), split_w1t(self.lr)))
         (self.gwW1t, self.gwb1), (self.gaW1t, self.gab1) = (
-            (v[0].mT, v[1]) for v in (split_w1t(self.gw), split_w1t(self.ga)))
-        self.lr_rest = step(self.lr[:, self.p1:])
-        self.gw_rest = split(self.gw[:, self.p1:], rest_shapes, rest_numels)  # (N, *shape)
-        self.ga_rest = split(self.ga[:, self.p1:], rest_shapes, rest_numels)
+            (ms(v[0].mT), ms(v[1])) for v in (split_w1t(self.gw), split_w1t(self.ga)))
+        self.lr_rest = ms(self.lr[:, self.p1:])
+        self.gw_rest = [ms(v) for v in split(self.gw[:, self.p1:], rest_shapes, rest_numels)]
+        self.ga_rest = [ms(v) for v in split(self.ga[:, self.p1:], rest_shapes, rest_numels)]
 
         # Layers 2..L: explicit fast weights and inner gradients Gr; the running sums
         # S_k = g_1 + ... + g_k are one product after the inner loop. Wr holds a copy of w's
@@ -134,22 +142,23 @@ class MLPGlance:
         self.Wr = torch.zeros(n * (k + 1), p2, **opts)
         self.W0, fast = self.Wr[:n], self.Wr[n:].view(n, k, p2)
         self.Gr, self.Sr = torch.zeros(n, k, p2, **opts), torch.zeros(n, k, p2, **opts)
+        self.Gr_ms, self.Sr_ms = ms(self.Gr), ms(self.Sr)
         w_in = [self.W0] + [fast[:, i] for i in range(k - 1)]  # step i reads
-        self.W_in = [step(row) for row in w_in]
-        self.W_out = [step(fast[:, i]) for i in range(k)]  # step i writes
-        self.G_flat = [step(self.Gr[:, i]) for i in range(k)]
+        self.W_in = [ms(row) for row in w_in]
+        self.W_out = [ms(fast[:, i]) for i in range(k)]  # step i writes
+        self.G_flat = [ms(self.Gr[:, i]) for i in range(k)]
         self.W_rows, self.Wt_rows, self.b_rows = [], [], []
         for row in w_in:
             weights, biases = rest(row)
-            self.W_rows.append([step(v) for v in weights])  # (N, out, in)
-            self.Wt_rows.append([step(v.mT) for v in weights])  # (N, in, out)
-            self.b_rows.append([step(b) for b in biases])  # (N, 1, out)
+            self.W_rows.append([ms(v) for v in weights])  # (N, out, in)
+            self.Wt_rows.append([ms(v.mT) for v in weights])  # (N, in, out)
+            self.b_rows.append([ms(b) for b in biases])  # (N, 1, out)
         self.gW_rows, self.delta_rows, self.deltaT_rows = [], [], []
         for i in range(k):
             weights, biases = rest(self.Gr[:, i])
-            self.gW_rows.append([step(v) for v in weights])  # (N, out, in) weight gradients
-            self.delta_rows.append([step(b) for b in biases])  # (N, 1, out) bias gradients
-            self.deltaT_rows.append([step(b.mT) for b in biases])
+            self.gW_rows.append([ms(v) for v in weights])  # (N, out, in) weight gradients
+            self.delta_rows.append([ms(b) for b in biases])  # (N, 1, out) bias gradients
+            self.deltaT_rows.append([ms(b.mT) for b in biases])
         # The meta-loss's (N*K, ...) stacks: member-major, step-minor.
         self.W_stack = split(fast.view(n * k, p2), rest_shapes, rest_numels)
         self.S_stack = split(self.Sr.view(n * k, p2), rest_shapes, rest_numels)
@@ -157,14 +166,15 @@ class MLPGlance:
 
         # First layer: inner errors e_j and the incoming rows' pre-activations.
         self.E = torch.zeros(n, k, self.hidden, **opts)
-        self.E_rows = [step(self.E[:, i:i + 1]) for i in range(k)]
+        self.E_ms = ms(self.E)
+        self.E_rows = [ms(self.E[:, i:i + 1]) for i in range(k)]
         self.Zin = torch.zeros(n, k, self.hidden, **opts)
-        self.Zin_step = step(self.Zin)
-        self.Z_rows = [step(self.Zin[:, i:i + 1]) for i in range(k)]
+        self.Zin_ms = ms(self.Zin)
+        self.Z_rows = [ms(self.Zin[:, i:i + 1]) for i in range(k)]
         self.onehot = torch.zeros(n, k, self.n_out, **opts)
-        self.onehot_rows = [step(self.onehot[:, i:i + 1]) for i in range(k)]
+        self.onehot_rows = [ms(self.onehot[:, i:i + 1]) for i in range(k)]
         # prefix @ v: sums over steps j <= k (cumsum is several times slower on CPU);
-        # suffix @ v: sums over steps k >= j. Applied to (N, K, ...) as matmul (one member: mm).
+        # suffix @ v: sums over steps k >= j.
         self.prefix = torch.ones(k, k, **opts).tril_()
         self.suffix = self.prefix.t().contiguous()
 
@@ -185,54 +195,58 @@ class MLPGlance:
             torch.clamp_min(self.a, 0.0, out=self.lr)
         else:
             self.lr.copy_(self.a)
-        X, XW, B, T, T_in, cols = self._first_layer(x, bx, incoming_in_meta)
-        self._inner_loop(y, T_in, mask_inner)
-        return self._meta_gradients(X, XW, B, T, cols, by, mask_meta, need_w, need_alpha,
-                                    relu_lr)
+        ms = self._ms
+        if mask_inner is not None:
+            mask_inner = ms(mask_inner.unsqueeze(1))
+        X, XW, B, T, T_in, cols = self._first_layer(ms(x), ms(bx), incoming_in_meta)
+        self._inner_loop(ms(y), T_in, mask_inner)
+        loss = self._meta_gradients(X, XW, B, T, cols, ms(by),
+                                    None if mask_meta is None else ms(mask_meta),
+                                    need_w, need_alpha, relu_lr)
+        return loss.view(self.members)
 
     def _first_layer(self, x: Tensor, bx: Tensor, incoming_in_meta: bool):
         """Meta-batch rows X, their pre-activations XW at w, the products B and corrections T
-        (below), T on the incoming rows, and the input columns kept (None: all). All (N, ...).
-        Writes the incoming rows' pre-activations into Zin."""
-        n, k, m = self.members, self.k, bx.shape[1]
-        xin = x.reshape(n, k, -1)
+        (below), T on the incoming rows, and the input columns kept (None: all); all in member
+        space. Writes the incoming rows' pre-activations into Zin."""
+        lead, k = self._lead, self.k
+        m = bx.shape[len(lead)]
+        xin = x.reshape(*lead, k, -1)
         if incoming_in_meta:  # La-MAML's meta-batch ends with the incoming samples
-            X, first = bx.reshape(n, m, -1), m - k
+            X, first = bx.reshape(*lead, m, -1), m - k
         else:  # rows m.. serve the inner loop only
-            X, first = torch.cat([bx.reshape(n, m, -1), xin], 1), m
-        XW = torch.baddbmm(self.b1, X, self.W1t)  # (N, rows, H) at w
+            X, first = torch.cat([bx.reshape(*lead, m, -1), xin], -2), m
+        XW = self._addmm(self.b1, X, self.W1t)  # (rows, H) at w
 
         # Pixels that are zero in all K incoming samples of every member (MNIST's background:
-        # ~45% of them) add nothing to T or to the alpha gradient of W1 below, whose rows there
-        # are exactly zero: skip them. CPU only (finding them would be a host sync on a GPU).
+        # ~45% of one member's) add nothing to T or to the alpha gradient of W1 below, whose
+        # rows there are exactly zero: skip them. CPU only (finding them would be a host sync
+        # on a GPU). Members share the columns: the union of their nonzero ones.
         cols, Xc, lrW1t = None, X, self.lrW1t
         if X.device.type == "cpu":
-            cols = xin.reshape(n * k, -1).ne(0).any(0).nonzero().squeeze(1)
-            if cols.numel() > 0.8 * X.shape[2]:
+            cols = xin.reshape(-1, xin.shape[-1]).ne(0).any(0).nonzero().squeeze(1)
+            if cols.numel() > 0.8 * X.shape[-1]:
                 cols = None
             else:
-                Xc, xin, lrW1t = X.index_select(2, cols), xin.index_select(2, cols), \
-                    lrW1t.index_select(1, cols)
+                Xc, xin, lrW1t = X.index_select(-1, cols), xin.index_select(-1, cols), \
+                    lrW1t.index_select(-2, cols)
 
         # T[j, r] = lr_W1 (x_j * X_r) + lr_b1: the first-layer correction of every fast weight.
-        B = Xc.unsqueeze(1) * xin.unsqueeze(2)  # (N, K, rows, D)
-        T = torch.baddbmm(self.lrb1, B.view(n, -1, B.shape[-1]), lrW1t)
-        T = T.view(n, k, X.shape[1], -1)
-        # K x (N, K, H): step j's corrections on the incoming rows themselves
-        T_in = [self._step(t) for t in T[:, :, first:first + k].unbind(1)]
-        self.Zin.copy_(XW[:, first:first + k])
+        B = Xc.unsqueeze(-3) * xin.unsqueeze(-2)  # (K, rows, D)
+        T = self._addmm(self.lrb1, B.view(*lead, -1, B.shape[-1]), lrW1t)
+        T = T.view(*lead, k, X.shape[-2], -1)
+        T_in = T[..., first:first + k, :].unbind(-3)  # K x (K, H): on the incoming rows
+        self.Zin_ms.copy_(XW[..., first:first + k, :])
         if not incoming_in_meta:
-            X, B, T, XW = X[:, :m], B[:, :, :m], T[:, :, :m], XW[:, :m]
+            X, B, T, XW = X[..., :m, :], B[..., :m, :], T[..., :m, :], XW[..., :m, :]
         return X, XW, B, T, T_in, cols
 
-    def _inner_loop(self, y: Tensor, T_in: list[Tensor], mask_inner: Tensor | None):
+    def _inner_loop(self, y: Tensor, T_in: tuple[Tensor, ...], mask_inner: Tensor | None):
         """K single-sample SGD steps from w (first order: no graph), all members at once:
         writes the fast weights Wr, inner gradients Gr and first-layer errors E."""
         k, n_rest, mm, addmm = self.k, self.n_rest, self._mm, self._addmm
         self.W0.copy_(self.w[:, self.p1:])
         self.onehot.zero_().scatter_(2, y.view(self.members, k, 1), 1.0)
-        if mask_inner is not None:
-            mask_inner = self._step(mask_inner.unsqueeze(1))  # (N, 1, C)
         for i in range(k):
             hs = [torch.relu(self.Z_rows[i])]
             Wt, W, b = self.Wt_rows[i], self.W_rows[i], self.b_rows[i]
@@ -252,58 +266,49 @@ class MLPGlance:
             torch.addcmul(self.W_in[i], self.lr_rest, self.G_flat[i], value=-1.0,
                           out=self.W_out[i])
             if i + 1 < k:  # the later incoming rows see this step's first-layer change
-                self.Zin_step.addcmul_(T_in[i], self.E_rows[i], value=-1.0)
-
-    def _steps_sum(self, sums: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
-        """`sums` (prefix or suffix) applied over the K steps of each member's (N, K, ...):
-        (N, K, X), or (K, X) for one member (one mm)."""
-        n, k = self.members, self.k
-        v = self._step(v.view(n, k, -1))
-        if out is None:
-            return torch.matmul(sums, v)
-        return torch.matmul(sums, v, out=self._step(out.view(n, k, -1)))
+                self.Zin_ms.addcmul_(T_in[i], self.E_rows[i], value=-1.0)
 
     def _meta_gradients(self, X, XW, B, T, cols, by, mask_meta, need_w, need_alpha, relu_lr):
         """The meta-loss at the K fast weight sets of every member, forward and backward at
         once; writes gw and/or ga (derivation in the module docstring)."""
-        n, k, m, n_rest, E = self.members, self.k, X.shape[1], self.n_rest, self.E
-        # C[k] = sum_{j<=k} e_j * T[j]: (N, K, M, H)
-        C = self._steps_sum(self.prefix, E.unsqueeze(2) * T).view(n, k, m, -1)
-        hs = [torch.sub(XW.unsqueeze(1), C).relu_().view(n * k, m, -1)]  # (N*K, M, H)
+        lead, k, m, n_rest, E = self._lead, self.k, X.shape[-2], self.n_rest, self.E_ms
+        nk, sums_mm, by_step, kdim = self.members * k, self._sums_mm, self._by_step, self._kdim
+        # C[k] = sum_{j<=k} e_j * T[j]: (K, M, H)
+        C = sums_mm(self.prefix, (E.unsqueeze(-2) * T).view(*lead, k, -1)).view(*lead, k, m, -1)
+        hs = [torch.sub(XW.unsqueeze(-3), C).relu_().view(nk, m, -1)]  # (N*K, M, H)
         ws, wts = self.W_stack, self.Wt_stack
         for layer in range(n_rest - 1):
             hs.append(torch.baddbmm(wts[2 * layer + 1], hs[-1], wts[2 * layer]).relu_())
-        logits = torch.baddbmm(wts[-1], hs[-1], wts[-2]).view(n, k, m, -1)
+        logits = torch.baddbmm(wts[-1], hs[-1], wts[-2]).view(*lead, k, m, -1)
         if mask_meta is not None:
-            logits.add_(mask_meta.unsqueeze(1))
+            logits.add_(mask_meta.unsqueeze(-3))
         loss, delta = cross_entropy_and_grad(logits, by)
-        delta = delta.view(n * k, m, -1)
+        delta = delta.view(nk, m, -1)
         if need_alpha:
-            self._steps_sum(self.prefix, self.Gr, out=self.Sr)  # S_k = g_1 + ... + g_k
+            sums_mm(self.prefix, self.Gr_ms, out=self.Sr_ms)  # S_k = g_1 + ... + g_k
         for layer in range(n_rest - 1, -1, -1):
             gW = torch.bmm(delta.transpose(1, 2), hs[layer])  # (N*K, out, in): G_k
             gb = delta.sum(1)
             for g, idx in ((gW, 2 * layer), (gb, 2 * layer + 1)):
                 if need_w:
-                    torch.sum(g.view(n, k, *g.shape[1:]), 1, out=self.gw_rest[idx])
+                    torch.sum(by_step(g), kdim, out=self.gw_rest[idx])
                 if need_alpha:
-                    g = g.mul_(self.S_stack[idx])
-                    torch.sum(g.view(n, k, *g.shape[1:]), 1, out=self.ga_rest[idx])
+                    torch.sum(by_step(g.mul_(self.S_stack[idx])), kdim, out=self.ga_rest[idx])
             delta = threshold_backward(torch.bmm(delta, ws[2 * layer]), hs[layer], 0)
-        # first layer: delta (N, K, M, H); D_j = sum_{k>=j} delta_k
-        D = self._steps_sum(self.suffix, delta).view(n, k, m, -1)
+        # first layer: delta (K, M, H); D_j = sum_{k>=j} delta_k
+        D = sums_mm(self.suffix, delta.view(*lead, k, -1)).view(*lead, k, m, -1)
         if need_w:
-            d0 = D[:, 0]
-            torch.bmm(X.mT, d0, out=self.gwW1t)
-            torch.sum(d0, 1, out=self.gwb1)
+            d0 = D[..., 0, :, :]
+            self._mm(X.mT, d0, out=self.gwW1t)
+            torch.sum(d0, -2, out=self.gwb1)
         if need_alpha:
-            A = D.mul_(E.unsqueeze(2)).view(n, k * m, -1)  # rows (j, m): e_j * D_j[m]
-            Bt = B.reshape(n, k * m, -1).mT
+            A = D.mul_(E.unsqueeze(-2)).view(*lead, k * m, -1)  # rows (j, m): e_j * D_j[m]
+            Bt = B.reshape(*lead, k * m, -1).mT
             if cols is None:
-                torch.bmm(Bt, A, out=self.gaW1t)
+                self._mm(Bt, A, out=self.gaW1t)
             else:
-                self.gaW1t.zero_().index_copy_(1, cols, torch.bmm(Bt, A))
-            torch.sum(A, 1, out=self.gab1)
+                self.gaW1t.zero_().index_copy_(-2, cols, self._mm(Bt, A))
+            torch.sum(A, -2, out=self.gab1)
             self.ga.neg_()
             if relu_lr:
                 self.ga.mul_(torch.sign(self.lr))  # relu'(alpha); a > 0 is much slower
