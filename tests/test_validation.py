@@ -235,6 +235,12 @@ ROWS = [
      ["-m", "method=er,finetune", "method.replay_batch_size=5"], "cli",
      ["method.replay_batch_size", "Finetune (method=finetune) has no key 'replay_batch_size'",
       "grad_clip_norm"]),
+    # eval.py's key=value arguments over a run's stored config ("eval": the real eval.py on a
+    # run trained by the real train.py); the run folder gets nothing, no eval-*.json either.
+    ("eval: key the model does not have", ["model.foo=1"], "eval",
+     ["model.foo", "MLP (model=mlp) has no key 'foo'", "hidden, init", "+model.foo=1"]),
+    ("eval: added key the model does not take", ["+model.foo=1"], "eval",
+     ["model.foo=1 is not a key of MLP", "allowed: dropout, hidden"]),
 ]
 
 
@@ -247,13 +253,30 @@ def previous_run(tmp_path) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished run with its checkpoint, trained by train.py (so its config names Hydra's
+    group choices, as eval.py finds them in a user's run)."""
+    cwd = tmp_path_factory.mktemp("trained")
+    run = subprocess.run([sys.executable, str(ROOT / "train.py"), "debug=fast", "method=er",
+                          "logger=none", "trainer=cpu", "hydra.run.dir=run"], cwd=cwd,
+                         env={**_env(), "METACL_ROOT_DIR": str(cwd)}, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return cwd / "run"
+
+
 @pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
 def test_bad_input_is_one_clear_line_and_touches_nothing(compose, tmp_path, previous_run,
-                                                          monkeypatch, capsys, row):
+                                                          monkeypatch, capsys, request, row):
     _, overrides, data, fragments = row
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     if data == "cli":
         _refused_by_train_py(tmp_path, previous_run, overrides, fragments)
+        return
+    if data == "eval":
+        _refused_by_eval_py(tmp_path, request.getfixturevalue("trained_run"), overrides,
+                            fragments)
         return
     extra = []
     if data == "missing":
@@ -344,6 +367,21 @@ def _refused_by_train_py(tmp_path, previous_run, overrides, fragments):
         assert fragment in lines[0], (fragment, lines[0])
     assert not new.exists() and not (tmp_path / "outputs").exists()
     assert (previous_run / "results.json").read_text() == before
+
+
+def _refused_by_eval_py(tmp_path, run, overrides, fragments):
+    """eval.py exits 2 with one `error:` line holding every fragment; the run's files are
+    unchanged and no eval-*.json is written."""
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"run={run}", *overrides],
+                            cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == EXIT_USER_ERROR, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("overrides", [

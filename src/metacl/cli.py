@@ -196,10 +196,11 @@ def _lookup(container, key: str):
     return node
 
 
-def _missing_key_line(container, override, hint: str = "") -> str | None:
+def _missing_key_line(container, key: str, line: str, choices: dict, delete: bool = False,
+                      hint: str = "") -> str | None:
     """`method.lr: LaMAML (method=lamaml) has no key 'lr'; its keys: ...; to add ...`, or None
-    when the key is there after all."""
-    key = override.key_or_group
+    when the key is there after all. `line` is the argument as given, `choices` the config
+    groups' choices (to name `method=lamaml`)."""
     parts = key.split(".")
     parent, depth = container, 0  # the deepest node on the key's path that exists
     while depth < len(parts) and isinstance(parent, dict) and parts[depth] in parent:
@@ -210,7 +211,6 @@ def _missing_key_line(container, override, hint: str = "") -> str | None:
     if not isinstance(parent, dict):
         return (f"{key}: '{parent_key}' is a value ({parent!r}), not a group of keys; allowed: "
                 f"{parent_key}=<value>")
-    choices = (container.get("hydra") or {}).get("runtime", {}).get("choices") or {}
     group = parent_key.replace(".", "/")
     if not parent_key:
         where = "the config"
@@ -223,10 +223,32 @@ def _missing_key_line(container, override, hint: str = "") -> str | None:
     keys = [str(k) for k in parent if not str(k).startswith("_")]
     shown = ", ".join(keys[:40]) + (", ..." if len(keys) > 40 else "")
     listed = f"its keys: {shown}" if keys else "it has no keys"
-    if override.is_delete():
+    if delete:
         return f"~{key}: {where} has no key '{missing}' to delete; {listed}"
-    return (f"{key}: {where} has no key '{missing}'; {listed}; to add a key use "
-            f"+{override.input_line}{hint}")
+    return f"{key}: {where} has no key '{missing}'; {listed}; to add a key use +{line}{hint}"
+
+
+def _hydra_choices(container) -> dict:
+    return (container.get("hydra") or {}).get("runtime", {}).get("choices") or {}
+
+
+def unknown_eval_key(config: dict, args: list[str]) -> str | None:
+    """eval.py's `key=value` arguments, merged over the config a run's checkpoint stores: one
+    line, as train.py's (unknown_key), for a key that config does not have; `+key=value` adds
+    one. `config` is the stored one, Hydra's choices under `hydra.choices`."""
+    choices = (config.get("hydra") or {}).get("choices") or {}
+    container = {k: v for k, v in config.items() if k != "hydra"}
+    for arg in args:
+        key = arg.split("=", 1)[0]
+        if key.startswith("~"):
+            return (f"{arg}: eval.py does not delete keys; allowed: key=value (a key of the "
+                    "run's config) or +key=value (a new one)")
+        if key.startswith("+"):
+            continue
+        line = _missing_key_line(container, key, arg, choices)
+        if line is not None:
+            return line
+    return None
 
 
 def _always_there(override, conf_dir: Path) -> bool:
@@ -339,8 +361,10 @@ def _compose_problem(conf_dir: Path, lines: list[str], overrides, key_sweeps,
             hint = (f" (a multirun applies keys that are not swept to the default choices "
                     f"before sweeping {swept}; to set it in every job, sweep it: "
                     f"{first.key_or_group}=choice({value}))")
-        return _missing_key_line(container, first, hint)
+        return _missing_key_line(container, first.key_or_group, first.input_line,
+                                 _hydra_choices(container), first.is_delete(), hint)
     for o in key_sweeps:
         if _lookup(container, o.key_or_group) is _NOT_THERE:
-            return _missing_key_line(container, o)
+            return _missing_key_line(container, o.key_or_group, o.input_line,
+                                     _hydra_choices(container), o.is_delete())
     return None

@@ -7,7 +7,8 @@
 The method is rebuilt from the config stored in the checkpoint, its state loaded, and every
 task's test set evaluated with the run's own Evaluator (task-aware, and task-agnostic on class
 splits). Other `key=value` arguments override that config (the evaluation data: `dataset.*`;
-`trainer.accelerator=cpu` to evaluate elsewhere). The result goes to a new file in the run
+`trainer.accelerator=cpu` to evaluate elsewhere); a key it does not have is refused in one line
+as train.py refuses it (`+key=value` adds one, checked against the class as train.py does). The result goes to a new file in the run
 folder, `eval-<overrides>.json`; `results.json` and the checkpoints are only read.
 """
 
@@ -24,9 +25,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from metacl import checkpoint
+from metacl.cli import unknown_eval_key
 from metacl.errors import ConfigError
 from metacl.runner.evaluator import Evaluator
 from metacl.runner.record import atomic_write_text
+from metacl.validate import check_group_keys
 
 CHECKPOINTS = {"last": checkpoint.BOUNDARY_FILE, "step": checkpoint.STEP_FILE}
 
@@ -68,9 +71,15 @@ def evaluate_run(run: Path, which: str = "last", overrides: list[str] = ()) -> d
     state = checkpoint.load(path)
     if state.get("kind") == "episodic":
         raise ConfigError(f"{run} is a few-shot run: its test episodes are in results.json")
+    # A key the run's config does not have would end in the constructor's traceback: one
+    # line instead, as train.py says it (`+key=value` adds one, checked as train.py does).
+    problem = unknown_eval_key(state["config"], list(overrides))
+    if problem:
+        raise ConfigError(problem)
     cfg = OmegaConf.create(state["config"])
     cfg.pop("hydra", None)
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+    check_group_keys(cfg)
     session = Session(cfg, run)
     dm = instantiate(cfg.dataset).build().to(session.device)
     method = session.build_method(dm.task_info, task_info=dm.task_info)

@@ -17,7 +17,7 @@ from metacl.population.episodic import EpisodicPopulationLoop
 from metacl.population.grouping import group_jobs
 from metacl.population.loop import PopulationLoop
 from metacl.population.members import Member, MemberRandom
-from metacl.runner.folder import FolderLock, is_fresh, remove_fresh
+from metacl.runner.folder import RunFolder
 from metacl.runner.job import job_info
 from metacl.runner.main import prepare_loop, record_failed_job
 from metacl.runner.session import console
@@ -74,19 +74,16 @@ def prepare_member(launcher, index: int, config: DictConfig) -> Member:
         member.hydra_cfg = HydraConfig.instance().cfg
         started = time.perf_counter()
         out_dir = Path(str(cfg.paths.output_dir))
-        fresh, lock = is_fresh(out_dir), FolderLock(out_dir)
+        folder = RunFolder(out_dir)
+        lock = folder.lock
         try:
             loop = prepare_loop(cfg, out_dir, started, lock)
         except Exception as err:  # noqa: BLE001  (recorded as a multirun job's failure)
-            lock.release()
-            if fresh:
-                remove_fresh(out_dir)
+            folder.abandon()
             member.active = False
             return record_failed_job(cfg, job_info(cfg), err)
         except BaseException:
-            lock.release()
-            if fresh:
-                remove_fresh(out_dir)
+            folder.abandon()
             raise
         if not hasattr(loop, "run"):  # already completed: its metric
             lock.release()

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from metacl.checkpoint import plan_resume
 from metacl.cli import user_error as find_user_error
 from metacl.runner import continual, episodic
-from metacl.runner.folder import FolderLock, is_fresh, remove_fresh, write_hydra_record
+from metacl.runner.folder import FolderLock, RunFolder, write_hydra_record
 from metacl.runner.health import DivergedError
 from metacl.runner.job import JobInfo, job_info, resolved_config
 from metacl.runner.record import FILE, RunRecord, atomic_write_text
@@ -61,19 +61,16 @@ def run_job(cfg: DictConfig) -> float:
     for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.WARNING)
     out_dir = Path(cfg.paths.output_dir)
-    fresh = is_fresh(out_dir)
-    lock = FolderLock(out_dir)
+    folder = RunFolder(out_dir)
     try:
-        run = prepare(cfg, out_dir, started, lock)
+        run = prepare(cfg, out_dir, started, folder.lock)
     except BaseException:
-        lock.release()
-        if fresh:
-            remove_fresh(out_dir)
+        folder.abandon()
         raise
     try:
         return run()
     finally:
-        lock.release()
+        folder.lock.release()
 
 
 def prepare(cfg: DictConfig, out_dir: Path, started: float, lock: FolderLock):
