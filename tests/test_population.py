@@ -46,23 +46,23 @@ def batches_of(dm, t, n, dtype):
         yield x.to(dtype), y, tt
 
 
-def separate(overrides, dtype):
+def separate(overrides, dtype, stream=BATCHES):
     method, dm = build(overrides, dtype)
-    for t, n in enumerate(BATCHES):
+    for t, n in enumerate(stream):
         method.before_task(t, dm)
         for batch in batches_of(dm, t, n, dtype):
             method.observe(*batch)
     return method
 
 
-def together(member_overrides, dtype):
+def together(member_overrides, dtype, stream=BATCHES):
     members, dms, randoms = [], [], []
     for overrides in member_overrides:
         method, dm = build(overrides, dtype)
         members.append(method)
         dms.append(dm)
         randoms.append(MemberRandom(torch.device("cpu")))
-    for t, n in enumerate(BATCHES):
+    for t, n in enumerate(stream):
         streams = []
         for m, dm, r in zip(members, dms, randoms):
             with r.full():
@@ -106,14 +106,25 @@ MEMBERS = {  # each population has a member with other float hyperparameters
 }
 
 
+# The hand-written MLP glance batched over members rounds differently from a single run's in
+# float32 (~1e-7 per batch; in float64 it is bit-identical here). Float32 La-MAML runs are
+# chaotic: a separate run whose first-layer weights are scaled by 1 + 1e-7 differs from the
+# unscaled one by 5e-6 after one batch of the class-split stream and by 1.1 (relative) after
+# seven (ReLU units and relu(alpha) switching). So float32 is compared over a short stream
+# here, float64 over the whole one, and a population of one bit for bit.
+BATCHED_MLP_GLANCE = {"lamaml", "cmaml", "sync_lamaml", "lamaml_split"}
+SHORT = (2, 0)
+
+
 @pytest.mark.parametrize("name", sorted(MEMBERS))
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)],
                          ids=["float32", "float64"])
 def test_members_trained_together_equal_their_separate_runs(name, dtype, tol):
     overrides = MEMBERS[name]
-    pop = together(overrides, dtype)
+    stream = SHORT if dtype == torch.float32 and name in BATCHED_MLP_GLANCE else BATCHES
+    pop = together(overrides, dtype, stream)
     for member, ov in zip(pop, overrides):
-        alone = separate(ov, dtype)
+        alone = separate(ov, dtype, stream)
         a, b = state(alone), state(member)
         assert a.keys() == b.keys()
         moved = max(float((a[k] - state(build(ov, dtype)[0])[k]).abs().max()) for k in a)
@@ -121,6 +132,14 @@ def test_members_trained_together_equal_their_separate_runs(name, dtype, tol):
         for k in a:
             err = float((a[k] - b[k]).abs().max() / (a[k].abs().max() + 1e-12))
             assert err <= tol, f"{name} {ov}: {k} differs by {err:.2e} (relative)"
+
+
+@pytest.mark.parametrize("name", ["lamaml", "cmaml", "lamaml_split"])
+def test_a_population_of_one_is_bit_identical_to_the_separate_run(name):
+    overrides = MEMBERS[name][0]
+    a, b = state(separate(overrides, torch.float32)), \
+        state(together([overrides], torch.float32)[0])
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_member_with_other_hyperparameters_really_trains_differently():

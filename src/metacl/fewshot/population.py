@@ -40,7 +40,7 @@ from torch.func import vmap
 
 from metacl.checkpoint import optimizers_of
 from metacl.data.episodic import Episodes
-from metacl.methods.population import has_random_layers, stack_members, write_members
+from metacl.methods.population import has_random_layers, stack, write_back
 
 # Optimizers whose update is elementwise (one instance over stacked members is per-member).
 ELEMENTWISE = (torch.optim.Adam, torch.optim.AdamW)
@@ -129,7 +129,7 @@ class MetaPopulation:
             same = len(group) == len(params) and all(a is b for a, b in zip(group, params))
             if group_settings(opt) != settings or not same:
                 raise ValueError("population members need the same Adam over all parameters")
-        self.W = stack_members(self.params)
+        self.W = list(stack(self.params))
         for w, p in zip(self.W, self.params[0]):
             w.requires_grad_(self.vmapped and p.requires_grad)
         opt0 = self.member_opts[0]
@@ -186,7 +186,7 @@ class MetaPopulation:
         return grads, losses.detach()
 
     def _looped_grads(self, batches, randoms) -> tuple[list[Tensor | None], Tensor]:
-        write_members(self.W, self.params)
+        write_back(self.W, self.params)
         losses, rows = [], []
         for m, params, batch, random in zip(self.members, self.params, batches, randoms):
             for p in params:
@@ -209,7 +209,7 @@ class MetaPopulation:
     # ------------------------------------------------------------------ the members' own state
     @torch.no_grad()
     def write_back(self) -> None:
-        write_members(self.W, self.params)
+        write_back(self.W, self.params)
         for i, (opt, params) in enumerate(zip(self.member_opts, self.params)):
             for w, p in zip(self.W, params):
                 state = self.optimizer.state.get(w)
