@@ -22,12 +22,11 @@ algorithms, cuDNN benchmark). Evaluation (val and test episodes) runs member by 
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import torch
 
-from metacl.checkpoint import Interrupted, StopSignals
+from metacl.population.base import MemberLoops
 from metacl.runner.health import DivergedError, synchronize
 from metacl.runner.trainer import PRECISION_ALIASES
 
@@ -43,7 +42,7 @@ def position_of(member) -> tuple[int, int]:
     return int(position["epoch"]), int(position["batch"])
 
 
-class EpisodicPopulationLoop:
+class EpisodicPopulationLoop(MemberLoops):
     @staticmethod
     def blocker(members: list) -> str | None:
         """Why these prepared members cannot train together (None: they can)."""
@@ -57,77 +56,21 @@ class EpisodicPopulationLoop:
         return None
 
     def __init__(self, members: list):
-        self.members = members
+        super().__init__(members)
         first = members[0].loop
         self.max_epochs = first.max_epochs
         self.per_epoch = first.dm.meta_batches_per_epoch
         self.has_val = bool(first.dm.n_episodes["val"])
         self.every = first.session.checkpoint_every
-        self.device = first.session.device
-        self.population_class = type(first.method).population_class
-        self.signals = StopSignals()
         self.progress, self.bar = first.progress, first.bar
         self.mark = 0.0
 
-    @property
-    def active(self) -> list:
-        return [m for m in self.members if m.active]
-
-    # ------------------------------------------------------------------ failures
-    def guard(self, member, work) -> None:
-        """Run `work()` for one member (its Hydra config and random state); an exception ends
-        that member only, recorded as its separate run would record it."""
-        try:
-            with member.job():
-                work()
-        except Exception as err:  # noqa: BLE001  (one member's failure is its own)
-            self.drop(member, err)
-
-    def drop(self, member, err: Exception) -> None:
-        member.active = False
-        member.value = float("nan")
-        with member.job():
-            member.loop.fail(err)
-        status = member.loop.record.data["status"]
-        print(f"population member {member.loop.session.name} {status}: {err}; the others go on",
-              file=sys.stderr)
-
-    # ------------------------------------------------------------------ the run
-    def run(self) -> None:
-        n = len(self.members)
-        for k, m in enumerate(self.members):
-            if m.loop.resume is not None:
-                self.guard(m, m.loop.continue_checkpoint)
-            m.loop.record.data["population"] = {"members": n, "index": k}
-        try:
-            with self.signals:
-                if self.active:
-                    with self.active[0].job():  # the torch flags a single run's fit sets
-                        self.active[0].loop.session.trainer([], inference_mode=False)
-                    with self.progress:
-                        self.meta_train(position_of(self.active[0]))
-                for m in self.active:
-                    self.guard(m, m.loop.finish)
-        except Interrupted:
-            raise
-        except BaseException as err:
-            for m in self.active:
-                self.drop(m, err if isinstance(err, Exception) else RuntimeError(str(err)))
-            if not isinstance(err, Exception):
-                raise
-            return
-        for m in self.active:
-            with m.job():
-                m.value = m.loop.report()
-
-    def interrupt(self, signum: int) -> None:
-        """A stop signal, after every member's checkpoint: all end as interrupted."""
-        err = Interrupted(signum)
-        for m in self.active:
-            with m.job():
-                m.loop.fail(err)
-            m.active = False
-        raise err
+    def train(self) -> None:
+        if self.active:
+            with self.active[0].job():  # the torch flags a single run's fit sets
+                self.active[0].loop.session.trainer([], inference_mode=False)
+            with self.progress:
+                self.meta_train(position_of(self.active[0]))
 
     # ------------------------------------------------------------------ meta-training
     def account(self, training: list) -> None:

@@ -18,97 +18,40 @@ checkpoints); rerunning the command into the same folders resumes them all from 
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import torch
 
-from metacl.checkpoint import Interrupted, StopSignals
+from metacl.population.base import MemberLoops
 from metacl.runner.health import DivergedError, check_last_loss, synchronize
 
 LOG_EVERY = 50  # batches between loss logs (one host sync for all members), as a single run
 
 
-class PopulationLoop:
+class PopulationLoop(MemberLoops):
     def __init__(self, members: list):
-        self.members = members
+        super().__init__(members)
         first = members[0].loop
         self.n_tasks = first.info.n_tasks
         self.max_epochs = int(first.session.cfg.trainer.max_epochs)
-        self.device = first.session.device
-        self.population_class = type(first.method).population_class
-        self.signals = StopSignals()
         self.progress = first.progress
 
-    @property
-    def active(self) -> list:
-        return [m for m in self.members if m.active]
-
-    # ------------------------------------------------------------------ failures
-    def guard(self, member, work) -> None:
-        """Run `work()` for one member; an exception ends that member only (recorded in its
-        results.json as a separate run would record it), not the population."""
-        try:
-            with member.job():
-                work()
-        except Exception as err:  # noqa: BLE001  (one member's failure is its own)
-            self.drop(member, err)
-
-    def drop(self, member, err: Exception) -> None:
-        member.active = False
-        member.value = float("nan")
-        loop = member.loop
-        with member.job():
-            loop.session.fail(err, loop.summary())
-        status = loop.record.data["status"]
-        print(f"population member {loop.session.name} {status}: {err}; the others go on",
-              file=sys.stderr)
-
-    # ------------------------------------------------------------------ the run
-    def run(self) -> None:
-        for k, m in enumerate(self.members):
-            if m.loop.resume is not None:
-                self.guard(m, m.loop.continue_checkpoint)
-            m.loop.record.data["population"] = {"members": len(self.members), "index": k}
-        try:
-            with self.signals:
-                for m in self.active:
-                    if m.loop.resume is None:
-                        self.guard(m, m.loop.evaluate_before)
-                starts = {m.loop.first_task for m in self.active}
-                if len(starts) > 1:
-                    raise RuntimeError(f"population members resume at different tasks "
-                                       f"{sorted(starts)}; run them one by one")
-                first = starts.pop() if starts else self.n_tasks
-                with self.progress:
-                    for t in range(first, self.n_tasks):
-                        self.train_task(t)
-                        for m in self.active:
-                            self.guard(m, lambda m=m, t=t: m.loop.record_row(t))
-                        if self.signals.pending is not None and t + 1 < self.n_tasks:
-                            self.interrupt(self.signals.pending)
-                for m in self.active:
-                    self.guard(m, m.loop.finish)
-        except Interrupted:
-            raise
-        except BaseException as err:
-            for m in self.active:
-                self.drop(m, err if isinstance(err, Exception) else RuntimeError(str(err)))
-            if not isinstance(err, Exception):
-                raise
-            return
+    def train(self) -> None:
         for m in self.active:
-            with m.job():
-                m.value = m.loop.report()
-
-    def interrupt(self, signum: int) -> None:
-        """A stop signal: every member ends at its last saved task boundary."""
-        err = Interrupted(signum)
-        for m in self.active:
-            with m.job():
-                m.loop.session.fail(err, m.loop.summary())
-            m.active = False
-        raise err
+            if m.loop.resume is None:
+                self.guard(m, m.loop.evaluate_before)
+        starts = {m.loop.first_task for m in self.active}
+        if len(starts) > 1:
+            raise RuntimeError(f"population members resume at different tasks "
+                               f"{sorted(starts)}; run them one by one")
+        first = starts.pop() if starts else self.n_tasks
+        with self.progress:
+            for t in range(first, self.n_tasks):
+                self.train_task(t)
+                for m in self.active:
+                    self.guard(m, lambda m=m, t=t: m.loop.record_row(t))
+                if self.signals.pending is not None and t + 1 < self.n_tasks:
+                    self.interrupt(self.signals.pending)
 
     # ------------------------------------------------------------------ one task
     def train_task(self, t: int) -> None:

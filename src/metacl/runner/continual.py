@@ -93,9 +93,13 @@ class ContinualLoop:
                             session.signals.hand_over(session.signals.pending)  # saved
             self.finish()
         except BaseException as err:
-            session.fail(err, self.summary())
+            self.fail(err)
             raise
         return self.report()
+
+    def fail(self, err: BaseException) -> None:
+        """Record why the run stopped, close the logger."""
+        self.session.fail(err, self.summary())
 
     def report(self) -> float:
         """The finished run's line; its cfg.optimized_metric."""

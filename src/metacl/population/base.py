@@ -1,0 +1,81 @@
+"""What the population loops share: the members, one member's failure, the run's frame.
+
+    every member: resume its checkpoint, or not
+    with the stop signals:  train()  (the protocol's loop: ContinualPopulationLoop, ...)
+    every member: finish;  then every member's report line and metric
+
+A member whose work raises ends alone (recorded in its results.json as its separate run would
+record it); a stop signal ends every member as interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from metacl.checkpoint import Interrupted, StopSignals
+
+
+class MemberLoops:
+    def __init__(self, members: list):
+        self.members = members
+        self.signals = StopSignals()
+        self.device = members[0].loop.session.device
+        self.population_class = type(members[0].method).population_class
+
+    @property
+    def active(self) -> list:
+        return [m for m in self.members if m.active]
+
+    # ------------------------------------------------------------------ failures
+    def guard(self, member, work) -> None:
+        """Run `work()` for one member (its Hydra config and random state); an exception ends
+        that member only, recorded as its separate run would record it."""
+        try:
+            with member.job():
+                work()
+        except Exception as err:  # noqa: BLE001  (one member's failure is its own)
+            self.drop(member, err)
+
+    def drop(self, member, err: Exception) -> None:
+        member.active = False
+        member.value = float("nan")
+        with member.job():
+            member.loop.fail(err)
+        status = member.loop.record.data["status"]
+        print(f"population member {member.loop.session.name} {status}: {err}; the others go on",
+              file=sys.stderr)
+
+    def interrupt(self, signum: int) -> None:
+        """A stop signal: every member ends as interrupted (at its last checkpoint)."""
+        err = Interrupted(signum)
+        for m in self.active:
+            with m.job():
+                m.loop.fail(err)
+            m.active = False
+        raise err
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> None:
+        for k, m in enumerate(self.members):
+            if m.loop.resume is not None:
+                self.guard(m, m.loop.continue_checkpoint)
+            m.loop.record.data["population"] = {"members": len(self.members), "index": k}
+        try:
+            with self.signals:
+                self.train()
+                for m in self.active:
+                    self.guard(m, m.loop.finish)
+        except Interrupted:
+            raise
+        except BaseException as err:
+            for m in self.active:
+                self.drop(m, err if isinstance(err, Exception) else RuntimeError(str(err)))
+            if not isinstance(err, Exception):
+                raise
+            return
+        for m in self.active:
+            with m.job():
+                m.value = m.loop.report()
+
+    def train(self) -> None:
+        raise NotImplementedError
