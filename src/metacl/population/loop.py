@@ -24,11 +24,27 @@ import torch
 
 from metacl.population.base import MemberLoops
 from metacl.runner.health import DivergedError, check_last_loss, synchronize
+from metacl.runner.trainer import PRECISION_ALIASES
 
 LOG_EVERY = 50  # batches between loss logs (one host sync for all members), as a single run
 
 
 class PopulationLoop(MemberLoops):
+    @staticmethod
+    def blocker(members: list) -> str | None:
+        """Why these prepared members cannot train together (None: they can)."""
+        precisions = {PRECISION_ALIASES.get(str(m.loop.session.cfg.trainer.precision))
+                      for m in members}
+        if precisions != {"32-true"}:
+            return f"continual populations train in 32-true precision, not {precisions}"
+        if any(m.loop.resume is not None and m.loop.resume.step is not None for m in members):
+            return "a member resumes inside a task (populations resume at task boundaries)"
+        starts = {0 if m.loop.resume is None else int(m.loop.resume.boundary["tasks_done"])
+                  for m in members}
+        if len(starts) > 1:
+            return f"members resume at different tasks {sorted(starts)}"
+        return None
+
     def __init__(self, members: list):
         super().__init__(members)
         first = members[0].loop
