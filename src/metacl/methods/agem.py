@@ -37,7 +37,7 @@ from torch import Tensor
 
 from metacl.memory import RingBuffer
 from metacl.methods.base import SGDMethod
-from metacl.methods.gem import clip_rows, flat_grad, set_flat_grad
+from metacl.methods.gem import clip_rows, projected_step
 
 
 def agem_project(g: Tensor, g_ref: Tensor) -> Tensor:
@@ -81,7 +81,4 @@ class AGEM(SGDMethod):
     def step(self, optimizer):
         if self._g_ref is None:  # nothing to protect yet: a plain clipped step
             return super().step(optimizer)
-        params = self.trained_parameters()
-        g = clip_rows(flat_grad(params), self.grad_clip_norm)
-        set_flat_grad(params, agem_project(g, self._g_ref))
-        optimizer.step()
+        projected_step(self, optimizer, lambda g: agem_project(g, self._g_ref))

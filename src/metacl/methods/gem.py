@@ -72,6 +72,15 @@ def clip_rows(G: Tensor, max_norm: float | None) -> Tensor:
     return G * scale
 
 
+def projected_step(method: SGDMethod, optimizer, project) -> None:
+    """GEM's and A-GEM's update: the clipped flat gradient, projected by `project(g)`, then
+    the optimizer's step."""
+    params = method.trained_parameters()
+    g = clip_rows(flat_grad(params), method.grad_clip_norm)
+    set_flat_grad(params, project(g))
+    optimizer.step()
+
+
 # ---------------------------------------------------------------------- GEM's projection
 def gem_project(g: Tensor, G: Tensor, margin: float = 0.5, eps: float = QP_EPS) -> Tensor:
     """GEM's projection of gradient g (P,) against past-task gradients G (K, P).
@@ -154,7 +163,5 @@ class GEM(SGDMethod):
     def step(self, optimizer):
         if self._G is None:  # nothing to protect yet: a plain clipped step
             return super().step(optimizer)
-        params = self.trained_parameters()
-        g = clip_rows(flat_grad(params), self.grad_clip_norm)
-        set_flat_grad(params, gem_project(g, self._G, self.memory_strength))
-        optimizer.step()
+        projected_step(self, optimizer,
+                       lambda g: gem_project(g, self._G, self.memory_strength))
