@@ -6,32 +6,42 @@ import os
 # spinning made small-tensor training up to 10x slower. Set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import signal
 import sys
 from pathlib import Path
 
 # Ctrl-C in the first seconds (imports, Hydra composing the config) is one line, exit 130.
+# A handler, not `except KeyboardInterrupt`: Hydra and OmegaConf catch the interrupt in places
+# while composing and report it as a broken config. The run takes Ctrl-C back (cli.take_ctrl_c)
+# once Hydra hands it the composed config.
 EARLY_CTRL_C = "stopped: interrupted by Ctrl-C before the run started; nothing to resume"
 
-try:
-    import hydra
-    from omegaconf import DictConfig
 
-    from metacl.cli import (
-        EXIT_CTRL_C,
-        EXIT_USER_ERROR,
-        bad_resume_path,
-        unknown_choice,
-        unknown_key,
-        unwritable_output,
-    )
-    from metacl.resolvers import expand_aliases  # also registers ${metacl.run_dir:...}
-except KeyboardInterrupt:
-    print(EARLY_CTRL_C, file=sys.stderr)
-    sys.exit(130)
+def _early_ctrl_c(signum, frame):
+    os.write(2, (EARLY_CTRL_C + "\n").encode())
+    os._exit(130)
+
+
+signal.signal(signal.SIGINT, _early_ctrl_c)
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from metacl.cli import (  # noqa: E402
+    EXIT_CTRL_C,
+    EXIT_USER_ERROR,
+    bad_resume_path,
+    take_ctrl_c,
+    unknown_choice,
+    unknown_key,
+    unwritable_output,
+)
+from metacl.resolvers import expand_aliases  # noqa: E402  (also registers ${metacl.run_dir:...})
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    take_ctrl_c()
     from metacl.cli import run_with_clean_errors
     from metacl.runner.main import main as run_main
 

@@ -23,6 +23,14 @@ def user_error(err: BaseException) -> MetaclError | None:
 EXIT_CTRL_C = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
 
 
+def take_ctrl_c() -> None:
+    """From here on Ctrl-C is a KeyboardInterrupt again, for the run's own stop handler and
+    run_with_clean_errors (train.py exits at once on a Ctrl-C while Hydra composes)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _output_dir(args) -> Path | None:
     try:
         return Path(str(args[0].paths.output_dir))

@@ -18,6 +18,8 @@ class PopulationLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides, initial_job_idx):
+        from metacl.cli import take_ctrl_c
         from metacl.population.launch import launch
 
+        take_ctrl_c()  # the members' stop handler takes over from train.py's early one
         return launch(self, job_overrides, initial_job_idx)
