@@ -244,3 +244,30 @@ def test_devices_index_is_honoured(compose, tmp_path):
     want = torch.device("cuda", index)
     assert seen and all(s == (want, want, want) for s in seen)
     _assert_completed(_results(tmp_path))
+
+
+@pytest.mark.parametrize("variant", ["lamaml_cifar", "default"])
+def test_compiled_glance_replays_as_eager_on_cuda(variant):
+    """method.compile=true on CUDA: the glance program (a CUDA graph under reduce-overhead)
+    gives the eager update, over batches with a task switch, a full memory and the shorter
+    shapes that run uncompiled (tests/test_lamaml_compiled.py checks the same on the CPU)."""
+    from tests.test_lamaml_compiled import SECOND_ORDER, max_diff, run
+
+    options = SECOND_ORDER if variant == "lamaml_cifar" else {}
+    _, want, want_loss, _ = run(torch.float32, device="cuda", **options)
+    m, got, loss, _ = run(torch.float32, device="cuda", compile=True, **options)
+    assert m._compiled.cuda_graphs and m._compiled.compiled_calls > 0
+    assert max_diff(want, got) < 1e-5
+    assert abs(float(want_loss) - float(loss)) < 1e-5
+
+
+def test_compiled_lamaml_run_on_cuda_cifar100_lookalike(compose, tmp_path, cifar100):
+    cfg = compose([*_cifar_experiment("lamaml"), *SMALL, *GPU, "method.compile=true",
+                   f"data_dir={cifar100}", "dataset.source.verify_md5=false",
+                   f"paths.output_dir={tmp_path}"])
+    try:
+        run_main(cfg)
+    except DivergedError:  # as the eager run may on this data (test above): it trained
+        assert _results(tmp_path)["accuracy_before"] is not None
+        return
+    _assert_completed(_results(tmp_path))

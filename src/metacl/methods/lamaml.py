@@ -57,6 +57,7 @@ from torch.func import vmap
 from metacl.errors import ConfigError
 from metacl.memory import ReservoirBuffer
 from metacl.methods.base import ContinualMethod
+from metacl.methods.lamaml_compiled import CompiledGlance
 from metacl.methods.lamaml_mlp import MLPGlance
 from metacl.methods.lamaml_population import LaMAMLPopulation
 
@@ -186,6 +187,7 @@ class LaMAML(ContinualMethod):
         inner_lr_relu: bool = True,
         use_old_task_memory: bool = False,
         vectorize: bool = True,
+        compile: bool = False,
     ):
         super().__init__(backbone, task_info, batch_size=batch_size, n_epochs=n_epochs,
                          glances=glances)
@@ -206,6 +208,13 @@ class LaMAML(ContinualMethod):
         self.inner_lr_relu = inner_lr_relu
         self.use_old_task_memory = use_old_task_memory
         self.vectorize = vectorize
+        self.compile = bool(compile)
+        if self.compile and type(self).observe is not LaMAML.observe:
+            raise ConfigError(f"method.compile=true: {type(self).__name__} has its own update; "
+                              "allowed: compile=true with method=lamaml, cmaml or sync_lamaml")
+        if self.compile and type(self).loss is not ContinualMethod.loss:
+            raise ConfigError(f"method.compile=true: {type(self).__name__} changes the loss; "
+                              "the compiled glance computes the plain masked cross-entropy")
 
         # One learnable step size per weight, same shapes as the weights (in state_dict).
         self.alpha = nn.ParameterList(
@@ -221,6 +230,12 @@ class LaMAML(ContinualMethod):
         self._flat: FlatParams | None = None  # fast path: parameter layout in flat vectors
         self._workspace_cache: dict = {}  # fast path: preallocated _Trajectory buffers
         self._ws: _Trajectory | None = None  # the workspace of the update in progress
+        self._compiled = CompiledGlance(self) if self.compile else None  # lamaml_compiled.py
+
+    def population_blocker(self) -> str | None:
+        if self.compile:
+            return "method.compile=true (a single run's compiled program)"
+        return super().population_blocker()
 
     # ------------------------------------------------------------------ Lightning plumbing
     def configure_optimizers(self):
@@ -238,7 +253,7 @@ class LaMAML(ContinualMethod):
 
     @property
     def fast_path(self) -> bool:
-        return self.vectorize and not self.second_order
+        return self.vectorize and not self.second_order and not self.compile
 
     @property
     def mlp_path(self) -> bool:
@@ -268,12 +283,19 @@ class LaMAML(ContinualMethod):
             perm = torch.randperm(x.shape[0], device=x.device)
             x, y, t = x.index_select(0, perm), y.index_select(0, perm), t.index_select(0, perm)
             bx, by, bt = self.meta_batch(x, y, t)
-            meta_loss, grad_w, grad_a = self.glance_gradients(
-                x, y, bx, by, bt, need_alpha=self.learn_lr, incoming_in_meta=True)
+            meta_loss = self.glance_step(weights, alphas, x, y, bx, by, bt)
             if glance == 0 and push:
                 self.memory.add(x, y, t)
-            self.outer_step(weights, alphas, grad_w, grad_a)
         self.end_update()
+        return meta_loss
+
+    def glance_step(self, weights, alphas, x, y, bx, by, bt) -> Tensor:
+        """The meta-gradients of one glance, then the outer step; returns L_meta."""
+        if self._compiled is not None:  # both as one compiled program
+            return self._compiled(weights, alphas, x, y, bx, by, bt)
+        meta_loss, grad_w, grad_a = self.glance_gradients(
+            x, y, bx, by, bt, need_alpha=self.learn_lr, incoming_in_meta=True)
+        self.outer_step(weights, alphas, grad_w, grad_a)
         return meta_loss
 
     @torch.no_grad()

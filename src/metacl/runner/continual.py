@@ -179,6 +179,7 @@ class ContinualLoop:
         timing = self.record.timing
         per_task = timing.setdefault("task_train_seconds", [])
         per_task.append(timing["train_seconds"] - sum(per_task))
+        timing["train_batches"] = self.step  # incoming batches so far (per-batch speed)
         self.method.after_task(t, self.dm)
         check_finite_weights(self.method, t, self.step)
 
