@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install train test test-gpu test-slurm bench bench-wandb lint clean distclean
+.PHONY: install train test test-gpu test-slurm bench bench-gpu bench-wandb lint clean distclean
 
 # (Re)install when pyproject.toml changes; torch/torchvision come from the machine's wheels.
 $(STAMP): pyproject.toml
@@ -18,8 +18,9 @@ install: $(STAMP)
 train: $(STAMP)
 	$(PY) train.py $(ARGS)
 
+# One pytest worker per core (pytest-xdist), each test file on one worker.
 test: $(STAMP)
-	WANDB_MODE=disabled $(PY) -m pytest -m "not gpu" $(ARGS)
+	WANDB_MODE=disabled $(PY) -m pytest -m "not gpu" -n auto --dist loadfile $(ARGS)
 
 # The GPU suite (tests/gpu): every method end to end on CUDA, CPU/CUDA update equality, resume
 # on the GPU. Needs a CUDA device; prints cases, time and peak GPU memory at the end.
@@ -38,6 +39,11 @@ test-slurm: $(STAMP)
 bench: $(STAMP)
 	WANDB_MODE=disabled $(PY) benchmarks/bench_default.py $(ARGS)
 	$(PY) benchmarks/bench_maml.py
+
+# The GPU rows of issue #20 side by side (eager, compiled, naive loop; peak GPU memory):
+# benchmarks/bench_gpu.py. On a machine without CUDA: make bench-gpu ARGS="--device cpu --quick"
+bench-gpu: $(STAMP)
+	WANDB_MODE=disabled $(PY) benchmarks/bench_gpu.py $(ARGS)
 
 # What W&B (offline) adds to a run, beside logger=none, in fresh processes (ARGS="method=er")
 bench-wandb: $(STAMP)

@@ -450,56 +450,19 @@ def test_few_shot_members_that_cannot_train_together_are_refused_with_a_reason()
         [member(position=(1, 2)), member()])
 
 
-def test_few_shot_population_sweep_writes_each_jobs_own_run_equal_to_the_separate_runs(
-        tmp_path):
-    """2 epochs of 3 meta-batches, a checkpoint every 2 (inside the epochs), val episodes
-    after each epoch: the population's results and last.ckpt equal the separate runs'."""
-    common = ["-m", "seed=0,1", "method=maml", "debug=fast", "dataset=digits_fewshot",
-              "model=conv4", "model.channels=8", "method.meta_batch_size=2",
-              "method.inner_steps_test=2", "method.n_epochs=2", "dataset.limit_tasks=3",
-              "dataset.val_episodes=5", "dataset.limit_test_per_task=20",
-              "checkpoint.every_n_steps=2", "logger=none"]
-    pop = train([*common, "hydra/launcher=population", "hydra.sweep.dir=pop"], tmp_path)
-    assert pop.returncode == 0, pop.stderr[-3000:]
-    assert "population of 2 jobs" in pop.stderr and "one by one" not in pop.stderr
-    alone = train([*common, "hydra.sweep.dir=alone"], tmp_path)
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    accuracies = []
-    for k in range(2):
-        [name] = [p.name for p in (tmp_path / "alone").glob(f"{k}_*")]
-        a = json.loads((tmp_path / "alone" / name / "results.json").read_text())
-        p = json.loads((tmp_path / "pop" / name / "results.json").read_text())
-        assert p["status"] == "completed"
-        assert p["population"] == {"members": 2, "index": k}
-        assert p["metrics"]["test_acc"] == a["metrics"]["test_acc"]
-        for key in ("test_acc_per_step", "test_loss_per_step", "val_acc_per_epoch"):
-            assert p["metrics"][key] == a["metrics"][key], key
-        assert len(p["metrics"]["val_acc_per_epoch"]) == 2
-        accuracies.append(p["metrics"]["test_acc_per_step"])
-        ca, cp = (torch.load(tmp_path / d / name / "checkpoints" / "last.ckpt",
-                             weights_only=True) for d in ("alone", "pop"))
-        assert cp["step"] == ca["step"] == 6 and cp["position"] == ca["position"]
-        for key, value in ca["method_state"].items():
-            assert torch.equal(cp["method_state"][key], value), key
-        sa, sp = ca["optimizer_states"][0]["state"], cp["optimizer_states"][0]["state"]
-        assert sa.keys() == sp.keys() and sa
-        for i in sa:
-            assert all(torch.equal(sp[i][key], sa[i][key]) for key in sa[i])
-        assert torch.equal(cp["generator"], ca["generator"])
-    assert accuracies[0] != accuracies[1]  # two seeds, two different runs
-
-
-def test_a_stopped_few_shot_population_resumes_to_the_separate_runs_results(tmp_path):
-    """SIGTERM once the members saved a checkpoint inside an epoch; the same command with
-    resume=true goes on as a population (weights, Adam and StepLR states, episode
-    generators, random states) and ends with the separate runs' results."""
+def test_a_few_shot_population_stopped_and_resumed_equals_the_separate_runs(tmp_path):
+    """2 epochs of 10 meta-batches, a checkpoint every 4 (inside the epochs), val episodes
+    after each epoch, StepLR. SIGTERM once the members saved a checkpoint inside the first
+    epoch; the same command with resume=true goes on as a population (weights, Adam and
+    StepLR states, episode generators, random states). Its results and last.ckpt equal the
+    separate runs' (the basic launcher), bit for bit."""
     import os
     import signal
     import time
 
     common = ["-m", "seed=0,1", "method=maml", "debug=fast", "dataset=digits_fewshot",
               "model=conv4", "model.channels=8", "method.meta_batch_size=2",
-              "method.inner_steps_test=2", "method.n_epochs=2", "dataset.limit_tasks=30",
+              "method.inner_steps_test=2", "method.n_epochs=2", "dataset.limit_tasks=10",
               "dataset.val_episodes=5", "dataset.limit_test_per_task=20", "method.lr_step=7",
               "checkpoint.every_n_steps=4", "logger=none"]
     pop = [*common, "hydra/launcher=population", "hydra.sweep.dir=pop"]
@@ -513,6 +476,7 @@ def test_a_stopped_few_shot_population_resumes_to_the_separate_runs_results(tmp_
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "population of 2 jobs" in err and "one by one" not in err
     stopped = [json.loads(p.read_text()) for p in (tmp_path / "pop").glob("*/results.json")]
     assert [s["status"] for s in stopped] == ["interrupted", "interrupted"]
     positions = [torch.load(p, weights_only=True)["position"]
@@ -523,6 +487,7 @@ def test_a_stopped_few_shot_population_resumes_to_the_separate_runs_results(tmp_
     assert "population of 2 jobs" in resumed.stderr
     alone = train([*common, "hydra.sweep.dir=alone"], tmp_path)
     assert alone.returncode == 0, alone.stderr[-3000:]
+    accuracies = []
     for k in range(2):
         [name] = [p.name for p in (tmp_path / "alone").glob(f"{k}_*")]
         a = json.loads((tmp_path / "alone" / name / "results.json").read_text())
@@ -530,6 +495,19 @@ def test_a_stopped_few_shot_population_resumes_to_the_separate_runs_results(tmp_
         assert p["status"] == "completed" and p["population"] == {"members": 2, "index": k}
         for key in ("test_acc", "test_acc_per_step", "test_loss_per_step", "val_acc_per_epoch"):
             assert p["metrics"][key] == a["metrics"][key], key
+        assert len(p["metrics"]["val_acc_per_epoch"]) == 2
+        accuracies.append(p["metrics"]["test_acc_per_step"])
+        ca, cp = (torch.load(tmp_path / d / name / "checkpoints" / "last.ckpt",
+                             weights_only=True) for d in ("alone", "pop"))
+        assert cp["step"] == ca["step"] == 20 and cp["position"] == ca["position"]
+        for key, value in ca["method_state"].items():
+            assert torch.equal(cp["method_state"][key], value), key
+        sa, sp = ca["optimizer_states"][0]["state"], cp["optimizer_states"][0]["state"]
+        assert sa.keys() == sp.keys() and sa
+        for i in sa:
+            assert all(torch.equal(sp[i][key], sa[i][key]) for key in sa[i])
+        assert torch.equal(cp["generator"], ca["generator"])
+    assert accuracies[0] != accuracies[1]  # two seeds, two different runs
 
 
 def test_members_that_cannot_train_together_train_one_by_one_and_say_why(tmp_path):
