@@ -18,9 +18,9 @@ install: $(STAMP)
 train: $(STAMP)
 	$(PY) train.py $(ARGS)
 
-# One pytest worker per core (pytest-xdist), each test file on one worker.
+# One pytest worker per core (pytest-xdist); idle workers take tests from busy ones.
 test: $(STAMP)
-	WANDB_MODE=disabled $(PY) -m pytest -m "not gpu" -n auto --dist loadfile $(ARGS)
+	WANDB_MODE=disabled $(PY) -m pytest -m "not gpu" -n auto --dist worksteal $(ARGS)
 
 # The GPU suite (tests/gpu): every method end to end on CUDA, CPU/CUDA update equality, resume
 # on the GPU. Needs a CUDA device; prints cases, time and peak GPU memory at the end.

@@ -29,7 +29,9 @@ TINY = ["debug=fast", "dataset.limit_test_per_task=2"]
 # the lookalike CIFAR files have their own checksums; Omniglot's has far fewer characters than
 # the real 1623 (1100/100/423); episodic sources keep 20 images per class (shots + queries).
 CONTINUAL = ["dataset.limit_train_per_task=5"]
-EPISODIC = ["dataset.limit_tasks=1"]  # one meta-batch
+# One meta-batch; 2 query samples per class (evaluation adapts on each episode for up to 10
+# steps: with the files' 15 queries the 84x84 miniImageNet runs took 25 s each).
+EPISODIC = ["dataset.limit_tasks=1", "dataset.query=2", "dataset.train_query=2"]
 CIFAR = [*CONTINUAL, "dataset.source.verify_md5=false"]
 # Keyed by the source's loader (`_target_` metacl.data.<module>.load_<name>, Sinusoid).
 DATA_OVERRIDES = {"cifar10": CIFAR, "cifar100": CIFAR, "cifar10_100": CIFAR,
