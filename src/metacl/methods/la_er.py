@@ -83,6 +83,7 @@ class LaER(LaMAML):
         inner_grad_clamp: float | None = 2.0,
         inner_lr_relu: bool = False,
         vectorize: bool = True,
+        compile: bool = False,
     ):
         super().__init__(
             backbone, task_info, batch_size=batch_size, n_epochs=n_epochs, glances=glances,
@@ -91,6 +92,7 @@ class LaER(LaMAML):
             inner_batches=inner_batches, second_order=second_order,
             grad_clip_norm=grad_clip_norm, inner_grad_clamp=inner_grad_clamp,
             inner_lr_relu=inner_lr_relu, use_old_task_memory=False, vectorize=vectorize,
+            compile=compile,
         )
 
     def observe(self, x: Tensor, y: Tensor, t: Tensor) -> Tensor:
@@ -99,12 +101,29 @@ class LaER(LaMAML):
             perm = torch.randperm(x.shape[0], device=x.device)
             x, y, t = x[perm], y[perm], t[perm]
             bx, by, bt = self.meta_batch(x, y, t)
-            # The step sizes learn from the look-ahead loss at the end of the inner trajectory.
-            _, _, grad_a = self.glance_gradients(x, y, bx, by, bt, need_w=False,
-                                                 need_alpha=True, meta_every_step=False)
-            # The weights follow the plain replay loss (at the weights before this glance).
-            er_loss, grad_w = self.loss_gradient(bx, by, bt)
-            self.outer_step(weights, alphas, grad_w, grad_a)  # alpha, then relu(alpha) * grad_w
+            er_loss = self.glance_step(weights, alphas, x, y, bx, by, bt)
         self.end_update()
         self.memory.add(x, y, t)
         return er_loss
+
+    def glance_step(self, weights, alphas, x, y, bx, by, bt) -> Tensor:
+        if self._compiled is not None:  # functional_glance + outer step, one program
+            return self._compiled(weights, alphas, x, y, bx, by, bt)
+        # The step sizes learn from the look-ahead loss at the end of the inner trajectory.
+        _, _, grad_a = self.glance_gradients(x, y, bx, by, bt, need_w=False,
+                                             need_alpha=True, meta_every_step=False)
+        # The weights follow the plain replay loss (at the weights before this glance).
+        er_loss, grad_w = self.loss_gradient(bx, by, bt)
+        self.outer_step(weights, alphas, grad_w, grad_a)  # alpha, then relu(alpha) * grad_w
+        return er_loss
+
+    def functional_glance(self, forward, w, a, x, y, bx, by, bt, class_mask, task):
+        from metacl.methods import lamaml_func  # imports lamaml
+
+        _, _, grad_a = lamaml_func.glance(
+            forward, w, a, x, y, bx, by, bt, class_mask, task,
+            inner_batches=self.inner_batches, second_order=self.second_order,
+            inner_grad_clamp=self.inner_grad_clamp, inner_lr_relu=self.inner_lr_relu,
+            need_w=False, need_alpha=True, meta_every_step=False, stack_steps=self.vectorize)
+        er_loss, grad_w = lamaml_func.loss_and_grad(forward, w, bx, by, bt, class_mask)
+        return er_loss, grad_w, grad_a

@@ -68,6 +68,11 @@ from metacl.models.backbones import MLP
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _owner(cls: type, name: str) -> type:
+    """The class in cls's MRO that defines attribute `name`."""
+    return next(c for c in cls.__mro__ if name in vars(c))
+
+
 def clip_by_total_norm_(tensors: list[Tensor], max_norm: float | None) -> None:
     """In-place `nn.utils.clip_grad_norm_` on a list of gradients (same eps), no host sync."""
     if not max_norm or not tensors:
@@ -209,9 +214,12 @@ class LaMAML(ContinualMethod):
         self.use_old_task_memory = use_old_task_memory
         self.vectorize = vectorize
         self.compile = bool(compile)
-        if self.compile and type(self).observe is not LaMAML.observe:
-            raise ConfigError(f"method.compile=true: {type(self).__name__} has its own update; "
-                              "allowed: compile=true with method=lamaml, cmaml or sync_lamaml")
+        # A class with its own observe must also write its glance as a pure function.
+        if self.compile and not issubclass(_owner(type(self), "functional_glance"),
+                                           _owner(type(self), "observe")):
+            raise ConfigError(f"method.compile=true: {type(self).__name__} has its own update "
+                              "but no functional_glance to compile; allowed: compile=true with "
+                              "method=lamaml, cmaml, sync_lamaml or la_er")
         if self.compile and type(self).loss is not ContinualMethod.loss:
             raise ConfigError(f"method.compile=true: {type(self).__name__} changes the loss; "
                               "the compiled glance computes the plain masked cross-entropy")
@@ -291,12 +299,23 @@ class LaMAML(ContinualMethod):
 
     def glance_step(self, weights, alphas, x, y, bx, by, bt) -> Tensor:
         """The meta-gradients of one glance, then the outer step; returns L_meta."""
-        if self._compiled is not None:  # both as one compiled program
+        if self._compiled is not None:  # functional_glance + outer step, one program
             return self._compiled(weights, alphas, x, y, bx, by, bt)
         meta_loss, grad_w, grad_a = self.glance_gradients(
             x, y, bx, by, bt, need_alpha=self.learn_lr, incoming_in_meta=True)
         self.outer_step(weights, alphas, grad_w, grad_a)
         return meta_loss
+
+    def functional_glance(self, forward, w, a, x, y, bx, by, bt, class_mask, task):
+        """glance_step's (loss, dL/dw, dL/dalpha) as a pure function of tensors, for
+        method.compile (lamaml_compiled.py). A subclass with its own update overrides both."""
+        from metacl.methods import lamaml_func  # imports this module
+
+        return lamaml_func.glance(
+            forward, w, a, x, y, bx, by, bt, class_mask, task,
+            inner_batches=self.inner_batches, second_order=self.second_order,
+            inner_grad_clamp=self.inner_grad_clamp, inner_lr_relu=self.inner_lr_relu,
+            need_alpha=self.learn_lr, meta_every_step=True, stack_steps=self.vectorize)
 
     @torch.no_grad()
     def outer_step(self, weights, alphas, grad_w, grad_a) -> None:

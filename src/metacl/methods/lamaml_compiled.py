@@ -70,22 +70,16 @@ class CompiledGlance:
     backend = "inductor"  # torch.compile's; tests use "aot_eager" (the same trace, no codegen)
 
     def __init__(self, method, mode: str | None = None):
-        from metacl.methods import lamaml_func  # lamaml imports this module
-
         m = self.method = method
         forward = m.backbone
         class_mask = m.class_mask if m.task_info.multi_head else None
-        glance_options = {
-            "inner_batches": m.inner_batches, "second_order": m.second_order,
-            "inner_grad_clamp": m.inner_grad_clamp, "inner_lr_relu": m.inner_lr_relu,
-            "need_alpha": m.learn_lr, "meta_every_step": True, "stack_steps": m.vectorize}
+        gradients = m.functional_glance  # La-MAML's, or a subclass's own (La-ER)
         outer_options = {"opt_lr": m.opt_lr, "opt_wt": m.opt_wt,
                          "grad_clip_norm": m.grad_clip_norm, "learn_lr": m.learn_lr,
                          "sync_update": m.sync_update}
 
         def step(w, a, x, y, bx, by, bt, task):
-            loss, gw, ga = lamaml_func.glance(forward, w, a, x, y, bx, by, bt, class_mask, task,
-                                              **glance_options)
+            loss, gw, ga = gradients(forward, w, a, x, y, bx, by, bt, class_mask, task)
             new_w, new_a = outer_step(w, a, gw, ga, **outer_options)
             return loss, new_w, new_a
 
@@ -105,6 +99,10 @@ class CompiledGlance:
             mode = self.mode or ("reduce-overhead" if device.type == "cuda" else None)
             if self.backend != "inductor":
                 mode = None  # the modes are Inductor's
+            # Every method's `step` is the same code object: Dynamo keeps one cache entry per
+            # instance and fails a fullgraph compile past its recompile limit (8), as in a
+            # multirun of sequential jobs in one process. A run needs only its own program.
+            torch._dynamo.reset()
             self._compiled = torch.compile(self.eager, fullgraph=True, dynamic=False, mode=mode,
                                            backend=self.backend)
             self.cuda_graphs = mode == "reduce-overhead"
