@@ -24,10 +24,10 @@ def _early_ctrl_c(signum, frame):
 
 signal.signal(signal.SIGINT, _early_ctrl_c)
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from omegaconf import DictConfig
 
-from metacl.cli import (  # noqa: E402
+from metacl.cli import (
     EXIT_CTRL_C,
     EXIT_USER_ERROR,
     bad_resume_path,
@@ -36,7 +36,7 @@ from metacl.cli import (  # noqa: E402
     unknown_key,
     unwritable_output,
 )
-from metacl.resolvers import expand_aliases  # noqa: E402  (also registers ${metacl.run_dir:...})
+from metacl.resolvers import expand_aliases  # also registers ${metacl.run_dir:...}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -39,10 +39,10 @@ from hydra.utils import instantiate
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 
-from bench_lamaml import NaiveLaMAML  # noqa: E402
-from fixtures import write_cifar  # noqa: E402
+from bench_lamaml import NaiveLaMAML
+from fixtures import write_cifar
 
-from metacl.task_info import TaskInfo  # noqa: E402
+from metacl.task_info import TaskInfo
 
 CONF = ROOT / "conf"
 CIFAR = ((3, 32, 32), 100, 20)  # input shape, classes, tasks (5 classes each)

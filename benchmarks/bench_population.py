@@ -34,6 +34,7 @@ def run(args: list[str], cwd: Path) -> float:
     env = {**os.environ, "WANDB_MODE": "disabled", "METACL_ROOT_DIR": str(cwd)}
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          check=False,
                           capture_output=True, text=True)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
