@@ -10,9 +10,10 @@ mkdir -p .whl
 PLATFORMS=()
 for n in 28 27 17; do PLATFORMS+=(--platform "manylinux_2_${n}_x86_64"); done
 PLATFORMS+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
-# Pure-Python packages, and quadprog (GEM) built for cp312; the versions of .venv.
+# Pure-Python packages, and quadprog (GEM) built for cp312; the versions of .venv. Not the
+# Optuna sweeper: the image has no optuna, and the GPU checks run no search.
 for spec in hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 mlxtend==0.25.0 \
-            quadprog==0.1.14 hydra-optuna-sweeper==1.3.0 hydra-joblib-launcher==1.2.0 \
+            quadprog==0.1.14 hydra-joblib-launcher==1.2.0 \
             hydra-submitit-launcher==1.2.0 submitit==1.5.4 rich-argparse==1.8.0; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp "${PLATFORMS[@]}" -d .whl "$spec" \
