@@ -405,8 +405,11 @@ def validate_config(cfg: DictConfig) -> str:
     check_method_numbers(cfg.method)
     check_dataset_values(cfg.dataset)
     method_cls = get_class(cfg.method._target_)
-    check_trainer(cfg.trainer, getattr(method_cls, "precisions", ("32-true",)),
-                  cfg.method._target_.rsplit(".", 1)[-1])
+    name = cfg.method._target_.rsplit(".", 1)[-1]
+    precisions, why = getattr(method_cls, "precisions", ("32-true",)), ""
+    if hasattr(method_cls, "precisions_for"):
+        precisions, why = method_cls.precisions_for(cfg.method)
+    check_trainer(cfg.trainer, precisions, f"{name} ({why})" if why else name)
     epochs = cfg.trainer.get("max_epochs")
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int)
                                or epochs < 1):

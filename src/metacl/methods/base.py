@@ -31,6 +31,13 @@ class ContinualMethod(ReloadHooks, pl.LightningModule):
     # Lightning precisions (trainer.precision) under which this method's updates are correct;
     # the runner refuses the others. Add "bf16-mixed" only where a bf16 run was checked.
     precisions: tuple[str, ...] = ("32-true",)
+
+    @classmethod
+    def precisions_for(cls, method_cfg) -> tuple[tuple[str, ...], str]:
+        """The precisions one configuration of the method allows, and why they are fewer than
+        `precisions` ("" when they are not): some options are checked in fewer precisions."""
+        return cls.precisions, ""
+
     # Population runs (hydra/launcher=population, metacl.population): the float
     # hyperparameters that may differ between members trained together as one program, and
     # the class that trains them (`population(members)`). A method without a Population class

@@ -240,6 +240,14 @@ class LaMAML(ContinualMethod):
         self._ws: _Trajectory | None = None  # the workspace of the update in progress
         self._compiled = CompiledGlance(self) if self.compile else None  # lamaml_compiled.py
 
+    @classmethod
+    def precisions_for(cls, method_cfg) -> tuple[tuple[str, ...], str]:
+        # The compiled program honours autocast (the hand-written MLP glance does not), and
+        # was checked against the eager paths in float32 only.
+        if method_cfg.get("compile"):
+            return ("32-true",), "method.compile=true"
+        return super().precisions_for(method_cfg)
+
     def population_blocker(self) -> str | None:
         if self.compile:
             return "method.compile=true (a single run's compiled program)"
