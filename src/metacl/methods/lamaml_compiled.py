@@ -6,11 +6,12 @@ launch-bound. Here the whole glance is one pure function of tensors,
 
     step(w, alpha, x, y, bx, by, bt, task) -> (L_meta, w_new, alpha_new)
 
-(`lamaml_func.glance`, the functional form of the literal loop that population runs vmap,
-followed by `outer_step` below), given to `torch.compile(fullgraph=True, dynamic=False)`:
+(the method's `functional_glance`: for La-MAML `lamaml_func.glance`, the functional form of
+the literal loop that population runs vmap; La-ER adds its replay-loss gradient; followed by
+`outer_step` below), given to `torch.compile(fullgraph=True, dynamic=False)`:
 Inductor fuses the elementwise work into few kernels, and on CUDA the "reduce-overhead" mode
 records the program as a CUDA graph and replays it once per glance. The step reads no value
-back to the host. What stays outside the program, eagerly, in LaMAML.observe: the shuffle, the
+back to the host. What stays outside the program, eagerly, in the method's observe: the shuffle, the
 replay draw (both on the device, from the run's random stream, so the draws are a separate
 eager run's) and the reservoir insertion.
 
@@ -100,8 +101,9 @@ class CompiledGlance:
             if self.backend != "inductor":
                 mode = None  # the modes are Inductor's
             # Every method's `step` is the same code object: Dynamo keeps one cache entry per
-            # instance and fails a fullgraph compile past its recompile limit (8), as in a
-            # multirun of sequential jobs in one process. A run needs only its own program.
+            # configuration it saw (its constants: opt_lr, ...) and fails a fullgraph compile
+            # past its recompile limit (8), as in a sweep's sequential jobs in one process. A
+            # run needs only its own program.
             torch._dynamo.reset()
             self._compiled = torch.compile(self.eager, fullgraph=True, dynamic=False, mode=mode,
                                            backend=self.backend)
