@@ -213,7 +213,7 @@ def main() -> None:
                         help="small counts (a smoke run: --batches 2 --warmup 1, 2 tasks)")
     parser.add_argument("--e2e", action="store_true",
                         help="also the full-size CIFAR-100 single-pass run end to end")
-    parser.add_argument("--json", type=Path, help="write the rows here as JSON")
+    parser.add_argument("--json", type=Path, help="write the rows here as JSON (after each)")
     args = parser.parse_args()
     if args.quick:
         args.batches, args.warmup = 2, 1
@@ -241,10 +241,12 @@ def main() -> None:
                 results.append(observe_row(name, args, device))
             else:
                 results.append(run_row(name, args, device, data, scratch))
+            if args.json:  # after every row: a run stopped by a time limit keeps its rows
+                args.json.write_text(json.dumps(results, indent=2))
         if args.e2e:
             results.append(e2e_row(args, device, data, scratch))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
