@@ -28,6 +28,7 @@ backbone with dropout trains correctly but not with an eager run's masks.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -105,6 +106,8 @@ class CompiledGlance:
             # past its recompile limit (8), as in a sweep's sequential jobs in one process. A
             # run needs only its own program.
             torch._dynamo.reset()
+            if device.type == "cpu":  # Inductor's C++ build warns that it found no CUDA
+                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             self._compiled = torch.compile(self.eager, fullgraph=True, dynamic=False, mode=mode,
                                            backend=self.backend)
             self.cuda_graphs = mode == "reduce-overhead"
