@@ -33,18 +33,19 @@ class Evaluator:
         device = method.device
         mask = method.class_mask.to(device)
         allowed = mask[:n_trained].any(0) if n_trained else torch.ones_like(mask[0])
-        aware, agnostic = [], []
-        for u, loader in enumerate(self.dm.eval_dataloaders(split)):
-            correct_aware = torch.zeros((), device=device)
-            correct_agnostic = torch.zeros((), device=device)
+        loaders = self.dm.eval_dataloaders(split)
+        # Correct counts per task stay on the device: one host sync for the whole row.
+        correct = torch.zeros(2, len(loaders), device=device)
+        for u, loader in enumerate(loaders):
             for x, y in self._batches(loader, device):
-                correct_aware += (method.predict(x, u, variant=variant) == y).sum()
+                correct[0, u] += (method.predict(x, u, variant=variant) == y).sum()
                 if multi_head:
                     pred = method.predict(x, u, allowed=allowed, variant=variant)
-                    correct_agnostic += (pred == y).sum()
-            n = len(loader.y)
-            aware.append(float(correct_aware) / n)
-            agnostic.append(float(correct_agnostic) / n)
+                    correct[1, u] += (pred == y).sum()
+        counts = correct.tolist()
+        sizes = [len(loader.y) for loader in loaders]
+        aware = [c / n for c, n in zip(counts[0], sizes)]
+        agnostic = [c / n for c, n in zip(counts[1], sizes)]
         method.train(was_training)
         return aware, (agnostic if multi_head else None)
 
