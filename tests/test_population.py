@@ -306,6 +306,72 @@ def test_a_stopped_population_resumes_as_a_whole_to_the_uninterrupted_matrices(
         assert resumed["population"] == {"members": 2, "index": k}
 
 
+@pytest.mark.parametrize("members", [["er", "er"], ["lamaml", "lamaml"]])
+def test_a_population_stopped_inside_a_task_resumes_there_to_the_uninterrupted_matrices(
+        tmp_path, monkeypatch, members):
+    """SIGTERM at the 9th step (inside task 1, between two step checkpoints): every member
+    saves its step.ckpt there, exactly as its separate run would; the resumed population goes
+    on from that batch and ends with the uninterrupted population's matrices, which are the
+    separate runs' (test above)."""
+    import os
+    import signal
+
+    import torch
+
+    from metacl.checkpoint import Interrupted
+
+    method = members[0]
+    extra = [f"method={method}", "checkpoint.every_n_steps=4"]
+    population_class = _population_class(method)
+    run_population(prepared_members(tmp_path / "whole", [0, 1], extra))
+    calls = {"n": 0}
+    observe = population_class.observe
+
+    def stop_in_task_1(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 9:  # task 0 has 6 batches: inside task 1, after its step 8 save
+            os.kill(os.getpid(), signal.SIGTERM)
+        return observe(self, *args)
+
+    monkeypatch.setattr(population_class, "observe", stop_in_task_1)
+    with pytest.raises(Interrupted):
+        run_population(prepared_members(tmp_path / "cut", [0, 1], extra))
+    monkeypatch.setattr(population_class, "observe", observe)
+    for k in range(2):
+        cut = json.loads((tmp_path / "cut" / str(k) / "results.json").read_text())
+        assert cut["status"] == "interrupted" and len(cut["accuracy_matrix"]) == 1
+        step = torch.load(tmp_path / "cut" / str(k) / "checkpoints" / "step.ckpt",
+                          weights_only=True)
+        assert step["step"] == 9 and step["position"]["task"] == 1
+        assert step["position"]["batch"] == 3  # the 3 batches of task 1 that were trained
+    calls["n"] = 0
+
+    def count(self, *args):
+        calls["n"] += 1
+        return observe(self, *args)
+
+    monkeypatch.setattr(population_class, "observe", count)
+    run_population(prepared_members(tmp_path / "cut", [0, 1], [*extra, "resume=true"]))
+    # together, from the 4th batch of task 1: 3 + 6 steps (12 from the task's start)
+    assert calls["n"] == 9
+    for k in range(2):
+        whole = json.loads((tmp_path / "whole" / str(k) / "results.json").read_text())
+        resumed = json.loads((tmp_path / "cut" / str(k) / "results.json").read_text())
+        assert resumed["status"] == "completed"
+        assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+        assert resumed["population"] == {"members": 2, "index": k}
+
+
+def _population_class(method: str):
+    from metacl.methods.population import SGDPopulation
+
+    if method == "er":
+        return SGDPopulation
+    from metacl.methods.lamaml_population import LaMAMLPopulation
+
+    return LaMAMLPopulation
+
+
 # ------------------------------------------------------------------------------ few-shot
 # Seed populations of MAML, FOMAML and ProtoNet (metacl.fewshot.population): 10 meta-batches
 # of members trained together equal their separate runs (MetaLearner.training_step, as the

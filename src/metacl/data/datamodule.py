@@ -120,6 +120,11 @@ class TensorBatches:
     def resume_at(self, order: Tensor | None, batch: int) -> None:
         self._resume = (order, int(batch))
 
+    @property
+    def resume_batch(self) -> int:
+        """The batch the next epoch starts at: 0 unless resume_at set one."""
+        return 0 if self._resume is None else self._resume[1]
+
     def __iter__(self):
         n = len(self.y)
         first = 0

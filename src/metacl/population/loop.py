@@ -10,9 +10,11 @@
 
 Everything a member writes goes through its own ContinualLoop, so its folder, results.json,
 checkpoints and W&B run are those of a separate run. A member whose loss becomes NaN/inf is
-marked `diverged` and leaves the population; the others go on. A stop signal ends every
-member as interrupted at its last task boundary (population runs keep no in-task
-checkpoints); rerunning the command into the same folders resumes them all from there.
+marked `diverged` and leaves the population; the others go on. Every
+`checkpoint.every_n_steps` batches, and when a stop signal arrives, every member saves its
+in-task step.ckpt (the separate run's format: its state, random state and stream position); a
+stop signal then ends every member as interrupted. Rerunning the command into the same folders
+resumes them all together from there (or one by one if they stopped at different positions).
 """
 
 from __future__ import annotations
@@ -22,8 +24,14 @@ import time
 
 import torch
 
+from metacl import checkpoint
 from metacl.population.base import MemberLoops
-from metacl.runner.health import DivergedError, check_last_loss, synchronize
+from metacl.runner.health import (
+    DivergedError,
+    check_finite_weights,
+    check_last_loss,
+    synchronize,
+)
 from metacl.runner.trainer import PRECISION_ALIASES
 
 LOG_EVERY = 50  # batches between loss logs (one host sync for all members), as a single run
@@ -37,12 +45,16 @@ class PopulationLoop(MemberLoops):
                       for m in members}
         if precisions != {"32-true"}:
             return f"continual populations train in 32-true precision, not {precisions}"
-        if any(m.loop.resume is not None and m.loop.resume.step is not None for m in members):
-            return "a member resumes inside a task (populations resume at task boundaries)"
         starts = {0 if m.loop.resume is None else int(m.loop.resume.boundary["tasks_done"])
                   for m in members}
         if len(starts) > 1:
             return f"members resume at different tasks {sorted(starts)}"
+        positions = {None if m.loop.resume is None or m.loop.resume.step is None else
+                     (int(m.loop.resume.step["step"]),
+                      *(int(m.loop.resume.step["position"][k]) for k in ("epoch", "batch")))
+                     for m in members}
+        if len(positions) > 1:
+            return "members resume at different positions inside the task"
         return None
 
     def __init__(self, members: list):
@@ -71,36 +83,45 @@ class PopulationLoop(MemberLoops):
 
     # ------------------------------------------------------------------ one task
     def train_task(self, t: int) -> None:
-        streams = {}
+        streams, epochs = {}, set()
         for m in self.active:
             def start(m=m):
                 train_tasks, position = m.loop.start_task(t)
-                if position is not None:
-                    raise RuntimeError("a population resumes at task boundaries only")
+                epochs.add(0 if position is None else int(position["epoch"]))
                 if train_tasks and self.max_epochs > 0:
                     m.loop.dm.set_task(t, train_tasks)
+                    if position is not None and (position["batch"] or
+                                                 position.get("order") is not None):
+                        m.loop.dm.resume_train_at(position.get("order"), position["batch"])
                     streams[id(m)] = m.loop.dm.train_dataloader()
             self.guard(m, start)
         training = [m for m in self.active if id(m) in streams]
+        if len(epochs) > 1:  # the blocker compares positions before the members are built
+            raise RuntimeError(f"population members resume task {t} at epochs {epochs}")
         if training:
-            self.fit(t, training, [streams[id(m)] for m in training])
+            self.fit(t, training, [streams[id(m)] for m in training], epochs.pop())
         for m in self.active:
             self.guard(m, lambda m=m: (check_last_loss(m.method, t, m.loop.step),
                                        m.loop.end_task(t)))
 
-    def fit(self, t: int, training: list, loaders: list) -> None:
-        """Every epoch of task t for the training members, one step for all at a time."""
+    def fit(self, t: int, training: list, loaders: list, first_epoch: int = 0) -> None:
+        """Every epoch of task t for the training members, one step for all at a time (from
+        `first_epoch` and each loader's resumed batch when a step checkpoint resumes)."""
         total = max(len(loader) for loader in loaders) * self.max_epochs
         bar = self.progress.add_task("", total=total, task=f"{t + 1}/{self.n_tasks}",
                                      loss=f"{len(training)} members")
+        every = training[0].loop.session.checkpoint_every
         synchronize(self.device)
         started = time.perf_counter()
         pop = self.population_class([m.method for m in training])
         losses = None
-        for epoch in range(self.max_epochs):
+        for epoch in range(first_epoch, self.max_epochs):
+            if epoch == first_epoch:  # a resumed task: the batches done before the stop
+                self.progress.advance(bar, epoch * len(loaders[0]) + loaders[0].resume_batch)
             iters = []
             for m, loader in zip(training, loaders):
                 iters.append(iter(loader))
+            seen = {id(m): 0 for m in training}  # batches of this epoch, per member
             while True:
                 batches = []
                 for m, it in zip(training, iters):
@@ -120,9 +141,11 @@ class PopulationLoop(MemberLoops):
                 for m, batch in zip(training, batches):
                     if batch is not None:
                         m.loop.step += 1
+                        seen[id(m)] += 1
                 self.progress.advance(bar)
                 step = max(m.loop.step for m in training)
-                if step % LOG_EVERY == 0:
+                save = self.signals.pending is not None or (every > 0 and step % every == 0)
+                if step % LOG_EVERY == 0 or save:
                     keep = self.log_losses(t, training, losses)
                     if len(keep) < len(training):  # a member diverged: the rest go on
                         pop.write_back()
@@ -132,6 +155,13 @@ class PopulationLoop(MemberLoops):
                         if not training:
                             break
                         pop = self.population_class([m.method for m in training])
+                if save and training:
+                    pop.write_back()
+                    elapsed = time.perf_counter() - started
+                    for i, m in enumerate(training):
+                        m.method.last_loss = losses[i]
+                        args = (m, t, epoch, seen[id(m)], elapsed)
+                        self.guard(m, lambda args=args: self.save_step(*args))
                 if self.signals.pending is not None:
                     break
             if self.signals.pending is not None or not training:
@@ -151,6 +181,30 @@ class PopulationLoop(MemberLoops):
                     memory, population.get("peak_memory_per_member_mb", 0.0))
         if self.signals.pending is not None:
             self.interrupt(self.signals.pending)
+
+    @staticmethod
+    def save_step(m, t: int, epoch: int, seen: int, elapsed: float) -> None:
+        """Member m's step.ckpt after `seen` batches of `epoch`: what its separate run's
+        InTaskCheckpoints saves at the same step (runner.callbacks)."""
+        in_task = m.loop.in_task
+        if not in_task.enabled:
+            return
+        check_last_loss(m.method, t, m.loop.step)  # never checkpoint a diverged state
+        check_finite_weights(m.method, t, m.loop.step)
+        loader = m.loop.dm.train_loader
+        done, order = loader.epoch_start_batch + seen, loader.order
+        if done >= len(loader):  # the epoch is over: resume at the next one
+            epoch, done, order = epoch + 1, 0, None
+        state = {
+            **in_task.base,
+            **checkpoint.capture(m.method),  # inside m.job(): the member's random state
+            "kind": "step",
+            "step": m.loop.step,
+            "train_seconds": in_task.base["train_seconds"] + elapsed,
+            "position": {"task": t, "epoch": epoch, "batch": done,
+                         "order": None if order is None else order.cpu()},
+        }
+        checkpoint.atomic_save(state, in_task.path)
 
     def peak_memory_per_member(self, n: int) -> float | None:
         """The GPU's peak allocated memory so far divided by the members (MiB); None on CPU."""
