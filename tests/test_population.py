@@ -203,6 +203,25 @@ def train(args, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
+def test_an_optuna_search_trains_each_batch_of_trials_as_a_population(tmp_path):
+    """hydra.sweeper.n_jobs=3: the sweeper hands the launcher 3 trials at a time; trials that
+    differ only in a population key (ER's lr) train as one program, and the search still reads
+    every trial's value."""
+    import yaml
+
+    run = train(["hparams_search=er_optuna", "hydra.sweeper.n_jobs=3", "hydra.sweeper.n_trials=6",
+                 "hydra.sweeper.storage=null", "method.replay_batch_size=10", "debug=fast",
+                 "hydra/launcher=population", "hydra.sweep.dir=search"], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("population of 3 jobs") == 2, run.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in (tmp_path / "search").glob("*/results.json")]
+    assert len(results) == 6 and all(r["status"] == "completed" for r in results)
+    assert sorted(r["population"]["index"] for r in results) == [0, 0, 1, 1, 2, 2]
+    best = yaml.safe_load((tmp_path / "search" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == max(r["validation"]["metrics"]["RA"] for r in results)
+    assert best["trials"] == {"complete": 6, "fail": 0}
+
+
 def test_population_sweep_writes_each_jobs_own_run_equal_to_the_separate_runs(tmp_path):
     common = ["-m", "seed=0,1", "method=er", "debug=fast", "logger=none"]
     pop = train([*common, "hydra/launcher=population", "hydra.sweep.dir=pop"], tmp_path)
