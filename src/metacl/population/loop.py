@@ -145,8 +145,8 @@ class PopulationLoop(MemberLoops):
                 self.progress.advance(bar)
                 step = max(m.loop.step for m in training)
                 save = self.signals.pending is not None or (every > 0 and step % every == 0)
-                if step % LOG_EVERY == 0 or save:
-                    keep = self.log_losses(t, training, losses)
+                if step % LOG_EVERY == 0 or save:  # a checkpoint needs finite members too
+                    keep = self.log_losses(t, training, losses, log=step % LOG_EVERY == 0)
                     if len(keep) < len(training):  # a member diverged: the rest go on
                         pop.write_back()
                         iters = [it for m, it in zip(training, iters) if m in keep]
@@ -212,12 +212,15 @@ class PopulationLoop(MemberLoops):
             return None
         return round(torch.cuda.max_memory_allocated(self.device) / n / 2**20, 1)
 
-    def log_losses(self, t: int, training: list, losses: torch.Tensor) -> list:
-        """Every member's loss to its logger (one host sync); the members still finite."""
+    def log_losses(self, t: int, training: list, losses: torch.Tensor, log: bool = True) -> list:
+        """Every member's loss to its logger (one host sync; `log` false: the check alone, as
+        a separate run logs only every LOG_EVERY batches); the members still finite."""
         keep = []
         for m, loss in zip(training, losses.tolist()):
             if math.isfinite(loss):
-                m.loop.session.logger.log_metrics({"train/loss": loss, "task": t}, m.loop.step)
+                if log:
+                    m.loop.session.logger.log_metrics({"train/loss": loss, "task": t},
+                                                      m.loop.step)
                 keep.append(m)
             else:
                 self.drop(m, DivergedError(f"training loss became {loss} in task {t} "
