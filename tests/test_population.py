@@ -325,13 +325,19 @@ def test_a_stopped_population_resumes_as_a_whole_to_the_uninterrupted_matrices(
         assert resumed["population"] == {"members": 2, "index": k}
 
 
-@pytest.mark.parametrize("members", [["er", "er"], ["lamaml", "lamaml"]])
+# (method, the observe call that sends SIGTERM, the step checkpoint's position (task, epoch,
+# batch), the steps the resumed population makes): tasks of 6 batches, 3 tasks, 1 epoch.
+STOPS = [("er", 9, (1, 0, 3), 9), ("lamaml", 9, (1, 0, 3), 9),
+         ("er", 6, (0, 1, 0), 12)]  # the last batch of task 0: resumes at its end
+
+
+@pytest.mark.parametrize("method,stop,position,remaining", STOPS)
 def test_a_population_stopped_inside_a_task_resumes_there_to_the_uninterrupted_matrices(
-        tmp_path, monkeypatch, members):
-    """SIGTERM at the 9th step (inside task 1, between two step checkpoints): every member
-    saves its step.ckpt there, exactly as its separate run would; the resumed population goes
-    on from that batch and ends with the uninterrupted population's matrices, which are the
-    separate runs' (test above)."""
+        tmp_path, monkeypatch, method, stop, position, remaining):
+    """SIGTERM at a step between two step checkpoints: every member saves its step.ckpt
+    there, exactly as its separate run would; the resumed population goes on from that batch
+    and ends with the uninterrupted population's matrices, which are the separate runs'
+    (test above)."""
     import os
     import signal
 
@@ -339,7 +345,6 @@ def test_a_population_stopped_inside_a_task_resumes_there_to_the_uninterrupted_m
 
     from metacl.checkpoint import Interrupted
 
-    method = members[0]
     extra = [f"method={method}", "checkpoint.every_n_steps=4"]
     population_class = _population_class(method)
     run_population(prepared_members(tmp_path / "whole", [0, 1], extra))
@@ -348,7 +353,7 @@ def test_a_population_stopped_inside_a_task_resumes_there_to_the_uninterrupted_m
 
     def stop_in_task_1(self, *args):
         calls["n"] += 1
-        if calls["n"] == 9:  # task 0 has 6 batches: inside task 1, after its step 8 save
+        if calls["n"] == stop:
             os.kill(os.getpid(), signal.SIGTERM)
         return observe(self, *args)
 
@@ -358,11 +363,12 @@ def test_a_population_stopped_inside_a_task_resumes_there_to_the_uninterrupted_m
     monkeypatch.setattr(population_class, "observe", observe)
     for k in range(2):
         cut = json.loads((tmp_path / "cut" / str(k) / "results.json").read_text())
-        assert cut["status"] == "interrupted" and len(cut["accuracy_matrix"]) == 1
+        assert cut["status"] == "interrupted"
+        assert len(cut["accuracy_matrix"]) == position[0]  # rows of the finished tasks
         step = torch.load(tmp_path / "cut" / str(k) / "checkpoints" / "step.ckpt",
                           weights_only=True)
-        assert step["step"] == 9 and step["position"]["task"] == 1
-        assert step["position"]["batch"] == 3  # the 3 batches of task 1 that were trained
+        assert step["step"] == stop
+        assert tuple(step["position"][key] for key in ("task", "epoch", "batch")) == position
     calls["n"] = 0
 
     def count(self, *args):
@@ -371,8 +377,7 @@ def test_a_population_stopped_inside_a_task_resumes_there_to_the_uninterrupted_m
 
     monkeypatch.setattr(population_class, "observe", count)
     run_population(prepared_members(tmp_path / "cut", [0, 1], [*extra, "resume=true"]))
-    # together, from the 4th batch of task 1: 3 + 6 steps (12 from the task's start)
-    assert calls["n"] == 9
+    assert calls["n"] == remaining  # together, from the saved batch (not the task's start)
     for k in range(2):
         whole = json.loads((tmp_path / "whole" / str(k) / "results.json").read_text())
         resumed = json.loads((tmp_path / "cut" / str(k) / "results.json").read_text())

@@ -174,7 +174,8 @@ class PopulationLoop(MemberLoops):
         memory = self.peak_memory_per_member(len(training))
         for i, m in enumerate(training):
             m.loop.record.timing["train_seconds"] += seconds
-            m.method.last_loss = losses[i]
+            if losses is not None:  # None: resumed at the end of the task's last epoch
+                m.method.last_loss = losses[i]
             if memory is not None:
                 population = m.loop.record.data["population"]
                 population["peak_memory_per_member_mb"] = max(
