@@ -291,40 +291,6 @@ def run_population(members):
             m.lock.release()
 
 
-def test_a_stopped_population_resumes_as_a_whole_to_the_uninterrupted_matrices(
-        tmp_path, monkeypatch):
-    import os
-    import signal
-
-    from metacl.checkpoint import Interrupted
-    from metacl.methods.population import SGDPopulation
-
-    run_population(prepared_members(tmp_path / "whole", [0, 1]))
-    calls = {"n": 0}
-    observe = SGDPopulation.observe
-
-    def stop_in_task_1(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 9:  # task 0 has 6 batches: inside task 1
-            os.kill(os.getpid(), signal.SIGTERM)
-        return observe(self, *args)
-
-    monkeypatch.setattr(SGDPopulation, "observe", stop_in_task_1)
-    with pytest.raises(Interrupted):
-        run_population(prepared_members(tmp_path / "cut", [0, 1]))
-    monkeypatch.setattr(SGDPopulation, "observe", observe)
-    for k in range(2):
-        cut = json.loads((tmp_path / "cut" / str(k) / "results.json").read_text())
-        assert cut["status"] == "interrupted" and len(cut["accuracy_matrix"]) == 1
-    run_population(prepared_members(tmp_path / "cut", [0, 1], ["resume=true"]))
-    for k in range(2):
-        whole = json.loads((tmp_path / "whole" / str(k) / "results.json").read_text())
-        resumed = json.loads((tmp_path / "cut" / str(k) / "results.json").read_text())
-        assert resumed["status"] == "completed"
-        assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
-        assert resumed["population"] == {"members": 2, "index": k}
-
-
 # (method, the observe call that sends SIGTERM, the step checkpoint's position (task, epoch,
 # batch), the steps the resumed population makes): tasks of 6 batches, 3 tasks, 1 epoch.
 STOPS = [("er", 9, (1, 0, 3), 9), ("lamaml", 9, (1, 0, 3), 9),
