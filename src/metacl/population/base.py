@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 from metacl.checkpoint import Interrupted, StopSignals
+from metacl.runner.trainer import PRECISION_ALIASES
 
 
 class MemberLoops:
@@ -21,6 +22,15 @@ class MemberLoops:
         self.signals = StopSignals()
         self.device = members[0].loop.session.device
         self.population_class = type(members[0].method).population_class
+
+    @staticmethod
+    def precision_blocker(members: list, kind: str) -> str | None:
+        """Populations train in 32-true precision only (`kind`: continual, few-shot)."""
+        precisions = {PRECISION_ALIASES.get(str(m.loop.session.cfg.trainer.precision))
+                      for m in members}
+        if precisions != {"32-true"}:
+            return f"{kind} populations train in 32-true precision, not {precisions}"
+        return None
 
     @property
     def active(self) -> list:

@@ -28,7 +28,6 @@ import torch
 
 from metacl.population.base import MemberLoops
 from metacl.runner.health import DivergedError, synchronize
-from metacl.runner.trainer import PRECISION_ALIASES
 
 LOG_EVERY = 50  # meta-batches between loss logs (one host sync for all members), as a single run
 
@@ -46,10 +45,9 @@ class EpisodicPopulationLoop(MemberLoops):
     @staticmethod
     def blocker(members: list) -> str | None:
         """Why these prepared members cannot train together (None: they can)."""
-        precisions = {PRECISION_ALIASES.get(str(m.loop.session.cfg.trainer.precision))
-                      for m in members}
-        if precisions != {"32-true"}:
-            return f"few-shot populations train in 32-true precision, not {precisions}"
+        precision = MemberLoops.precision_blocker(members, "few-shot")
+        if precision:
+            return precision
         positions = {position_of(m) for m in members}
         if len(positions) > 1:
             return f"members resume at different (epoch, meta-batch) {sorted(positions)}"

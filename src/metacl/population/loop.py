@@ -32,7 +32,6 @@ from metacl.runner.health import (
     check_last_loss,
     synchronize,
 )
-from metacl.runner.trainer import PRECISION_ALIASES
 
 LOG_EVERY = 50  # batches between loss logs (one host sync for all members), as a single run
 
@@ -41,10 +40,9 @@ class PopulationLoop(MemberLoops):
     @staticmethod
     def blocker(members: list) -> str | None:
         """Why these prepared members cannot train together (None: they can)."""
-        precisions = {PRECISION_ALIASES.get(str(m.loop.session.cfg.trainer.precision))
-                      for m in members}
-        if precisions != {"32-true"}:
-            return f"continual populations train in 32-true precision, not {precisions}"
+        precision = MemberLoops.precision_blocker(members, "continual")
+        if precision:
+            return precision
         starts = {0 if m.loop.resume is None else int(m.loop.resume.boundary["tasks_done"])
                   for m in members}
         if len(starts) > 1:
