@@ -121,6 +121,42 @@ def test_session_device_comes_from_the_strategy(compose, tmp_path):
     assert not any(tmp_path.iterdir())  # a Session writes nothing until a loop starts
 
 
+def test_auto_trains_a_small_mlp_on_the_cpu_even_where_a_gpu_is_visible(compose, tmp_path,
+                                                                        monkeypatch, capsys):
+    """trainer.accelerator=auto asks the backbone: La-MAML's 100-100 MLP is faster on the CPU
+    (issue #20), so with CUDA visible the run still trains there, and says why."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = compose(["debug=fast", "trainer.accelerator=auto", f"paths.output_dir={tmp_path}"])
+    assert cfg.model.hidden == [100, 100]
+    session = Session(cfg, tmp_path)
+    assert session.device == torch.device("cpu")
+    assert session.trainer([]).strategy.root_device == torch.device("cpu")
+    assert cfg.trainer.accelerator == "auto"  # the job's config (results.json) is unchanged
+    err = capsys.readouterr().err
+    assert "MLP backbone trains faster on the CPU" in err and "trainer=gpu" in err
+
+
+@pytest.mark.parametrize("overrides,cuda,moved", [
+    ([], True, True),  # the default: La-MAML's 100-100 MLP
+    (["experiment=maml/sinusoid_10shot"], True, True),  # 40-40
+    ([], False, False),  # no GPU: nothing to choose
+    (["trainer=gpu"], True, False),  # asked for the GPU: kept
+    (["trainer.devices=[0]"], True, False),  # named GPU 0: kept
+    (["model=mlp_hat"], True, False),  # HAT's 2000-2000 network keeps the GPU
+    (["model=pc_cnn", "dataset=cifar100"], True, False),  # conv nets keep the GPU
+])
+def test_which_backbones_auto_moves_to_the_cpu(compose, overrides, cuda, moved):
+    from metacl.runner.trainer import auto_device
+
+    cfg = compose(overrides)
+    chosen, note = auto_device(cfg.trainer, cfg.model, cuda_available=cuda)
+    if moved:
+        assert chosen.accelerator == "cpu" and note and "trainer=gpu" in note
+        assert chosen.max_epochs == cfg.trainer.max_epochs  # the rest of the settings kept
+    else:
+        assert note is None and chosen is cfg.trainer
+
+
 def test_evaluator_moves_batches_to_the_models_device(compose):
     """Every batch reaches `predict` on the model's device."""
     from hydra.utils import instantiate

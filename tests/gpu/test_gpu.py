@@ -246,6 +246,18 @@ def test_devices_index_is_honoured(compose, tmp_path):
     _assert_completed(_results(tmp_path))
 
 
+@pytest.mark.parametrize("model,device", [("mlp", "cpu"), ("pc_cnn", "cuda")])
+def test_auto_picks_the_device_by_backbone(compose, tmp_path, model, device):
+    """trainer.accelerator=auto with a GPU visible: La-MAML's small MLP trains on the CPU
+    (issue #20: a GPU loses for it), a conv net on the GPU."""
+    from metacl.runner.session import Session
+
+    data = ["dataset=cifar100"] if model == "pc_cnn" else []
+    session = Session(compose([*SMALL, *data, f"model={model}", "trainer.accelerator=auto",
+                               f"paths.output_dir={tmp_path}"]), tmp_path)
+    assert session.device.type == device
+
+
 @pytest.mark.parametrize("variant", ["lamaml_cifar", "default"])
 def test_compiled_glance_replays_as_eager_on_cuda(variant):
     """method.compile=true on CUDA: the glance program (a CUDA graph under reduce-overhead)

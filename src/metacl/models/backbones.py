@@ -56,7 +56,15 @@ class Backbone(nn.Module):
     ``list(self.parameters())`` would no longer match the order ``_forward`` expects).
     The default ``_forward`` is ``_features`` followed by a linear head made of the last two
     parameters; a subclass implements ``_features`` and sets ``feature_dim``.
+
+    ``auto_device(settings)``: ``"cpu"`` where a GPU cannot win for the backbone built with
+    these model settings, so that ``trainer.accelerator=auto`` trains it on the CPU even when
+    CUDA is visible (metacl.runner.trainer.auto_device); None lets Lightning pick.
     """
+
+    @classmethod
+    def auto_device(cls, settings: dict) -> str | None:
+        return None
 
     def __init__(self, input_shape: tuple[int, ...], n_outputs: int, **hparams) -> None:
         super().__init__()
@@ -150,6 +158,11 @@ class MLP(Backbone):
 
     cpu_threads = 1: with `threads: auto` a CPU run uses one intra-op thread (the single-sample
     and 10-sample operations of the MNIST methods are too small to split; docs/architecture.md).
+    auto_device: with hidden layers of at most SMALL_WIDTH units (La-MAML's 100-100 learner,
+    the sinusoid's 40-40), `trainer.accelerator=auto` trains on the CPU even where CUDA is
+    visible: its kernels are too small for a GPU to win (the default run trained in 43 s on an
+    H200 and in 17-27 s on a 2-core CPU, issue #20). HAT's 2000-2000 network keeps the GPU.
+    `trainer=gpu` always uses the GPU.
 
     init: ``kaiming_normal`` (La-MAML's learner: kaiming-normal weights, zero biases) or
     ``torch`` (PyTorch's default ``nn.Linear``: kaiming-uniform a=sqrt(5), uniform bias).
@@ -157,6 +170,13 @@ class MLP(Backbone):
     (HAT's MLP: 0.2 / 0.5; default 0, no dropout). Every hidden layer is gated (HAT): its gate
     multiplies the layer's output after the ReLU and dropout.
     """
+
+    SMALL_WIDTH = 256
+
+    @classmethod
+    def auto_device(cls, settings: dict) -> str | None:
+        widths = [int(h) for h in settings.get("hidden", (100, 100))]
+        return "cpu" if max(widths, default=0) <= cls.SMALL_WIDTH else None
 
     def __init__(
         self,

@@ -29,7 +29,7 @@ from metacl.runner.cpu import configure_cpu
 from metacl.runner.extras import apply_extras
 from metacl.runner.job import job_info, resolved_config
 from metacl.runner.record import RunRecord
-from metacl.runner.trainer import build_trainer, run_device
+from metacl.runner.trainer import auto_device, build_trainer, run_device
 
 log = logging.getLogger(__name__)
 # A method's self.log is flushed every log_every_n_steps batches and at the end of each fit;
@@ -76,7 +76,12 @@ class Session:
         self.started = time.perf_counter() if started is None else started
         self.job = job_info(cfg)
         self.config = resolved_config(cfg, self.job)
-        self.device = run_device(cfg.trainer) if device is None else torch.device(device)
+        # The trainer settings of every fit: cfg.trainer, with `auto` resolved for a backbone
+        # that declares a GPU cannot win for it (its note is printed).
+        self.trainer_cfg, note = auto_device(cfg.trainer, cfg.get("model"))
+        if note and device is None:
+            say(note)
+        self.device = run_device(self.trainer_cfg) if device is None else torch.device(device)
         if self.device.type == "cuda":  # ops that name no device land on the run's GPU too
             torch.cuda.set_device(self.device)
         self.signals = StopSignals()
@@ -121,7 +126,7 @@ class Session:
         bridges `self.log` in methods to the run's logger at the run's step."""
         stream = next((c for c in callbacks if isinstance(c, StreamCallback)), None)
         bridge = LightningBridge(self.logger, (lambda: stream.step) if stream else (lambda: 0))
-        return build_trainer(self.cfg.trainer, [*callbacks, *self.callbacks], logger=bridge,
+        return build_trainer(self.trainer_cfg, [*callbacks, *self.callbacks], logger=bridge,
                              **overrides)
 
     def finish(self, summary: dict) -> None:

@@ -115,6 +115,37 @@ def build_trainer(trainer: DictConfig, callbacks: list, logger=False,
                       num_sanity_val_steps=0, callbacks=callbacks)
 
 
+def auto_device(trainer: DictConfig, model: DictConfig | None,
+                cuda_available: bool | None = None) -> tuple[DictConfig, str | None]:
+    """`trainer.accelerator=auto` on a machine with CUDA: the backbone's `auto_device`.
+
+    A backbone class answers `auto_device(model settings)` with "cpu" when a GPU cannot win
+    for it (La-MAML's small MLP: issue #20 measured the default run at 43 s on an H200 against
+    17-27 s on a 2-core CPU). Then auto trains on the CPU and says so; `trainer=gpu` (or
+    `trainer.devices=[k]`) still uses the GPU. Returns the trainer settings to use and the
+    note to print (None when nothing changed).
+    """
+    if trainer.get("accelerator", "auto") != "auto" or _gpu_index(trainer) is not None:
+        return trainer, None
+    if not (torch.cuda.is_available() if cuda_available is None else cuda_available):
+        return trainer, None
+    try:
+        from hydra.utils import get_class
+
+        settings = dict(OmegaConf.to_container(model, resolve=True))
+        backbone = get_class(str(settings.pop("_target_")))
+    except Exception:  # noqa: BLE001  (a bad _target_ is refused by validation, not here)
+        return trainer, None
+    chooser = getattr(backbone, "auto_device", None)
+    if not callable(chooser) or chooser(settings) != "cpu":
+        return trainer, None
+    chosen = trainer.copy()
+    chosen.accelerator = "cpu"
+    note = (f"trainer.accelerator=auto: this {backbone.__name__} backbone trains faster on the "
+            "CPU than on a GPU, so the run uses the CPU (trainer=gpu uses the GPU)")
+    return chosen, note
+
+
 def run_device(trainer: DictConfig) -> torch.device:
     """The device Lightning's strategy will train on (data and evaluation live there too)."""
     accelerator = trainer.get("accelerator", "auto")
