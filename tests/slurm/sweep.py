@@ -5,6 +5,7 @@ everything it submitted when the test ends (whatever happened)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -45,9 +46,13 @@ class Sweep:
     # ------------------------------------------------------------------ lifetime
     def start(self) -> Sweep:
         self.root.mkdir(parents=True, exist_ok=True)
+        # The project root on the path: a job may name a test callback (tests.slurm.slow).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])}
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *self.args],
-                                         cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
+                                         cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                                         env=env)
         self._releaser.start()
         return self
 

@@ -95,12 +95,13 @@ def test_a_preempted_job_resumes_to_the_uninterrupted_matrix(interrupted):
     _assert_same_results(sweep.results(1), reference)
 
 
-# 20 tasks of 400 ER batches, 10 glances each: ~70 s of training on an idle fast core (10
-# tasks of 5 glances took 18 s there and ended before the warning), so the job is still
-# training when SLURM's time-limit warning comes, whenever that is (below); the requeued job
-# has 10 minutes for the rest.
-LONG = ["debug=fast", "method=er", "dataset.limit_tasks=20", "dataset.samples_per_task=4000",
-        "dataset.limit_train_per_task=4000", "method.glances=10", "checkpoint.every_n_steps=50"]
+# 3 tasks of 100 ER batches that each sleep 0.25 s (tests/slurm/slow.py): 75 s of training on
+# the clock for a few seconds of CPU, so the job is still training when SLURM's time-limit
+# warning comes, whenever that is (below), while the other tests keep the cores; the requeued
+# job has 10 minutes for the rest. The reference runs the same config without the sleeps.
+LONG = ["debug=fast", "method=er", "dataset.limit_tasks=3", "dataset.limit_train_per_task=1000",
+        "checkpoint.every_n_steps=10"]
+SLOW = ["+callbacks.slow._target_=tests.slurm.slow.SlowBatches", "+callbacks.slow.seconds=0.25"]
 
 
 def test_a_job_at_its_time_limit_is_requeued_and_completes(tmp_path):
@@ -110,7 +111,7 @@ def test_a_job_at_its_time_limit_is_requeued_and_completes(tmp_path):
     requeues the job, the requeued job resumes. A resumed run would be signalled again 30 s
     later (and resume again: seen 4 times in a row in one job); to keep the test short, the
     requeued job is given 10 minutes, so it finishes in its second run."""
-    sweep = Sweep(tmp_path, [*LONG, "seed=0"], timeout_min=1,
+    sweep = Sweep(tmp_path, [*LONG, *SLOW, "seed=0"], timeout_min=1,
                   launcher=("hydra.launcher.signal_delay_s=10",), requeued_time_limit=10)
     sweep.start()
     try:
