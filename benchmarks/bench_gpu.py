@@ -11,7 +11,7 @@ Two kinds of rows (each prints its peak GPU memory on CUDA):
   models built from the experiment's own config, after warm-up batches with a full memory,
   which include the compilation): ours eager (`method.compile=false`), ours compiled
   (`method.compile=true`: the glance + outer step as one torch.compile program, a CUDA graph
-  on a GPU), and the naive eager loop of benchmarks/bench_lamaml.py (the reference's
+  on a GPU; MER: each single-sample step), and the naive eager loop of benchmarks/bench_lamaml.py (the reference's
   structure: fast weights through autograd, one backward per glance);
 * whole runs (`train.py` configs run in-process on CIFAR-100 lookalike files in the real
   pickle format, written to a temporary folder): train seconds per incoming batch of ER,
@@ -55,6 +55,8 @@ OBSERVE_ROWS = {
     "sync_lamaml_cifar": ("lamaml/sync_lamaml_cifar100_single_pass", CIFAR),
     "la_er_cifar": ("lamaml/la_er_cifar100_single_pass", CIFAR),
     "lamaml_tinyimagenet": ("lamaml/lamaml_tinyimagenet_single_pass", TINY),
+    # MER's eager path on a conv net is the naive loop itself (one optimizer step per sample)
+    "mer_cifar": ("baselines/mer_cifar100_single_pass", CIFAR),
 }
 RUN_ROWS = ("er_cifar", "finetune_cifar", "icarl_cifar", "default_run")
 
@@ -95,6 +97,9 @@ def observe_row(name: str, args, device: torch.device) -> dict:
         x, t = torch.randn(batch, *shape, generator=g), torch.full((batch,), task)
         return x.to(device), y.to(device), t.to(device)
 
+    # MER: 2,600 single-sample steps per incoming batch (seconds each, eager): fewer batches
+    n_batches, n_warmup = ((max(1, args.batches // 10), min(args.warmup, 1))
+                           if name.startswith("mer") else (args.batches, args.warmup))
     variants = {"eager": {"compile": False}, "compiled": {"compile": True}, "naive": None}
     if "compile" not in cfg.method:  # La-ER: no compiled program
         variants.pop("compiled")
@@ -113,22 +118,25 @@ def observe_row(name: str, args, device: torch.device) -> dict:
                                                                       task_info=info)
             method.to(device)
             method.before_task(1, None)
+            if getattr(method, "optimizer", None) is not None:  # SGD steps outside a Trainer
+                method.optimizers = lambda m=method: m.optimizer
+                method.manual_backward = lambda loss: loss.backward()
         for _ in range(-(-int(cfg.method.memories) // batch)):  # a full memory of task 0
             method.memory.add(*incoming(0))
         reset_peak(device)
         started = time.perf_counter()
-        for _ in range(args.warmup):  # allocations, autotuning, compilation, graph capture
+        for _ in range(n_warmup):  # allocations, autotuning, compilation, graph capture
             method.observe(*incoming(1))
         sync(device)
         warmup = time.perf_counter() - started
-        data = [incoming(1) for _ in range(args.batches)]
+        data = [incoming(1) for _ in range(n_batches)]
         sync(device)
         started = time.perf_counter()
         for x, y, t in data:
             loss = method.observe(x, y, t)
         float(loss)
         sync(device)
-        seconds = (time.perf_counter() - started) / args.batches
+        seconds = (time.perf_counter() - started) / n_batches
         row[variant] = {"s_per_batch": round(seconds, 4), "warmup_s": round(warmup, 1),
                         "peak_mib": peak_mib(device)}
         print(f"{name:22s} {variant:9s} {seconds:8.4f} s per incoming batch "
@@ -138,6 +146,9 @@ def observe_row(name: str, args, device: torch.device) -> dict:
             if variant in row:
                 row[variant]["vs_naive"] = round(
                     row["naive"]["s_per_batch"] / row[variant]["s_per_batch"], 2)
+    if "compiled" in row:
+        row["compiled"]["vs_eager"] = round(
+            row["eager"]["s_per_batch"] / row["compiled"]["s_per_batch"], 2)
     return row
 
 

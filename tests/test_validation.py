@@ -192,6 +192,9 @@ ROWS = [
      ["trainer.precision=16-mixed", "LaMAML", "32-true"]),
     ("bf16 with the compiled glance", ["method.compile=true", "trainer.precision=bf16-mixed"],
      None, ["trainer.precision=bf16-mixed", "LaMAML (method.compile=true)", "allowed: 32-true"]),
+    ("bf16 with MER's compiled step",
+     ["method=mer", "method.compile=true", "trainer.precision=bf16-mixed"], None,
+     ["trainer.precision=bf16-mixed", "MER (method.compile=true)", "allowed: 32-true"]),
     # issue 17: values that used to end in a traceback or in a run of the wrong size
     ("seed not a number", ["seed=abc"], None, ["seed='abc'", "an integer"]),
     ("seed not an integer", ["seed=1.5"], None, ["seed=1.5", "an integer"]),

@@ -283,3 +283,16 @@ def test_compiled_lamaml_run_on_cuda_cifar100_lookalike(compose, tmp_path, cifar
         assert _results(tmp_path)["accuracy_before"] is not None
         return
     _assert_completed(_results(tmp_path))
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "cnn"])
+def test_mer_compiled_steps_replay_as_eager_on_cuda(backbone):
+    """MER with method.compile=true on CUDA (each single-sample step a CUDA graph) gives the
+    eager autograd loop's update (tests/test_mer_compiled.py checks the same on the CPU)."""
+    from tests.test_mer_compiled import run
+
+    mer, got, loss, _ = run("compiled", backbone=backbone, device="cuda")
+    assert mer._compiled.cuda_graphs and mer._compiled.compiled_calls > 0
+    _, want, want_loss, _ = run("_observe_autograd", backbone=backbone, device="cuda")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)

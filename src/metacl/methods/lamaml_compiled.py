@@ -28,21 +28,14 @@ backbone with dropout trains correctly but not with an eager run's masks.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from metacl.methods.compiled import CompiledProgram, clip_total_norm
 
-def clip_total_norm(tensors: Sequence[Tensor], max_norm: float | None) -> list[Tensor]:
-    """`nn.utils.clip_grad_norm_` (same eps), out of place: a traceable function."""
-    tensors = list(tensors)
-    if not max_norm:
-        return tensors
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    return [t * coef for t in tensors]
+__all__ = ["CompiledGlance", "clip_total_norm", "outer_step"]
 
 
 def outer_step(w: Sequence[Tensor], a: Sequence[Tensor], gw: Sequence[Tensor],
@@ -62,14 +55,12 @@ def outer_step(w: Sequence[Tensor], a: Sequence[Tensor], gw: Sequence[Tensor],
     return w, a
 
 
-class CompiledGlance:
+class CompiledGlance(CompiledProgram):
     """One La-MAML method's compiled glance + outer step (see the module docstring).
 
     `__call__(weights, alphas, x, y, bx, by, bt)` updates `weights` and `alphas` (lists of
     tensors, written in place) and returns the glance's meta-loss.
     """
-
-    backend = "inductor"  # torch.compile's; tests use "aot_eager" (the same trace, no codegen)
 
     def __init__(self, method, mode: str | None = None):
         m = self.method = method
@@ -85,10 +76,7 @@ class CompiledGlance:
             new_w, new_a = outer_step(w, a, gw, ga, **outer_options)
             return loss, new_w, new_a
 
-        self.eager = step
-        self.mode = mode
-        self._compiled = None  # made on first use, when the device is known
-        self.compiled_calls = self.eager_calls = 0
+        super().__init__(step, mode)
 
     def steady_shapes(self) -> tuple[int, int]:
         """(incoming, meta-batch) rows of the compiled program."""
@@ -96,36 +84,12 @@ class CompiledGlance:
         replay = min(m.replay_batch_size, m.memories)
         return m.batch_size, m.batch_size + replay
 
-    def program(self, device: torch.device):
-        if self._compiled is None:
-            mode = self.mode or ("reduce-overhead" if device.type == "cuda" else None)
-            if self.backend != "inductor":
-                mode = None  # the modes are Inductor's
-            # Every method's `step` is the same code object: Dynamo keeps one cache entry per
-            # configuration it saw (its constants: opt_lr, ...) and fails a fullgraph compile
-            # past its recompile limit (8), as in a sweep's sequential jobs in one process. A
-            # run needs only its own program.
-            torch._dynamo.reset()
-            if device.type == "cpu":  # Inductor's C++ build warns that it found no CUDA
-                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-            self._compiled = torch.compile(self.eager, fullgraph=True, dynamic=False, mode=mode,
-                                           backend=self.backend)
-            self.cuda_graphs = mode == "reduce-overhead"
-        return self._compiled
-
     def __call__(self, weights: list[Tensor], alphas: list[Tensor], x: Tensor, y: Tensor,
                  bx: Tensor, by: Tensor, bt: Tensor) -> Tensor:
         task = self.method.task_counter  # a 0-d tensor: a new task is data, not a recompile
         w, a = tuple(p.detach() for p in weights), tuple(p.detach() for p in alphas)
-        if (x.shape[0], bx.shape[0]) == self.steady_shapes():
-            program = self.program(x.device)
-            if self.cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            loss, new_w, new_a = program(w, a, x, y, bx, by, bt, task)
-            self.compiled_calls += 1
-        else:
-            loss, new_w, new_a = self.eager(w, a, x, y, bx, by, bt, task)
-            self.eager_calls += 1
+        steady = (x.shape[0], bx.shape[0]) == self.steady_shapes()
+        loss, new_w, new_a = self.run(steady, x.device, w, a, x, y, bx, by, bt, task)
         with torch.no_grad():  # out of the program's buffers (a CUDA graph reuses them)
             torch._foreach_copy_(list(w), list(new_w))
             torch._foreach_copy_(list(a), list(new_a))

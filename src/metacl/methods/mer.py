@@ -22,6 +22,12 @@ and La-MAML's MNIST runs) `observe` runs them on a flat working copy of the weig
 hand-written backward (metacl.models.mlp_grad), no autograd and no optimizer; the update is
 the same (tests compare both paths). Other backbones take the autograd path.
 
+`compile: true` (for GPUs): one single-sample step (forward, gradient, clip, SGD update) is a
+pure function of the weights, compiled once (metacl.methods.compiled: on CUDA a CUDA graph
+replayed for each of the steps) and used for every backbone; the replay draws, the Reptile
+interpolations and the memory stay eager. tests/test_mer_compiled.py checks it against both
+eager paths.
+
 Reference details kept: the incoming sample is the first of every batch; each single-sample
 SGD step is clipped to `grad_clip_norm` (La-MAML's copy; MER's own code does not clip). One
 difference: MER's code reshuffles the memory before each draw, so a batch can repeat a
@@ -33,9 +39,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.func import grad_and_value
 
+from metacl.errors import ConfigError
 from metacl.memory import ReservoirBuffer
 from metacl.methods.base import ContinualMethod, SGDMethod
+from metacl.methods.compiled import CompiledProgram, clip_total_norm
+from metacl.methods.population import masked_loss
 from metacl.models.backbones import MLP
 from metacl.models.mlp_grad import MLPGrad
 
@@ -45,13 +55,39 @@ class MER(SGDMethod):
 
     def __init__(self, backbone, task_info, lr: float = 0.1, memories: int = 200,
                  replay_batch_size: int = 10, batches_per_example: int = 5, beta: float = 0.01,
-                 gamma: float = 1.0, grad_clip_norm: float | None = 10.0, **kwargs):
+                 gamma: float = 1.0, grad_clip_norm: float | None = 10.0,
+                 compile: bool = False, **kwargs):
         super().__init__(backbone, task_info, lr=lr, grad_clip_norm=grad_clip_norm, **kwargs)
         self.replay_batch_size = int(replay_batch_size)
         self.batches_per_example = int(batches_per_example)
         self.beta = beta
         self.gamma = gamma
         self.memory = ReservoirBuffer(memories, task_info.input_shape)
+        self.compile = bool(compile)
+        if self.compile and (type(self).loss is not ContinualMethod.loss
+                             or type(self).observe is not MER.observe):
+            raise ConfigError(f"method.compile=true: {type(self).__name__} changes MER's loss "
+                              "or update; the compiled step is MER's plain masked "
+                              "cross-entropy SGD step")
+        self._compiled = CompiledProgram(self.functional_step) if self.compile else None
+
+    @classmethod
+    def precisions_for(cls, method_cfg) -> tuple[tuple[str, ...], str]:
+        # The compiled step honours autocast and was checked in float32 only.
+        if method_cfg.get("compile"):
+            return ("32-true",), "method.compile=true"
+        return super().precisions_for(method_cfg)
+
+    def functional_step(self, w, x, y, t):
+        """One single-sample step as a pure function: (loss, w - lr * clip(grad))."""
+        class_mask = self.class_mask if self.task_info.multi_head else None
+
+        def loss(w_):
+            return masked_loss(self.backbone(x, w_), y, class_mask, t)
+
+        g, value = grad_and_value(loss)(w)
+        g = clip_total_norm(g, self.grad_clip_norm)
+        return value, tuple(wi - self.lr * gi for wi, gi in zip(w, g))
 
     @staticmethod
     @torch.no_grad()
@@ -61,6 +97,8 @@ class MER(SGDMethod):
         torch._foreach_copy_(params, start)
 
     def observe(self, x, y, t):
+        if self._compiled is not None:
+            return self._observe_compiled(x, y, t)
         if (isinstance(self.backbone, MLP) and self.backbone.plain
                 and type(self).loss is ContinualMethod.loss):
             # Explicit float32 BLAS calls into preallocated buffers: autocast (bf16-mixed)
@@ -106,6 +144,30 @@ class MER(SGDMethod):
             w.copy_(theta_0.lerp_(w, self.gamma))  # across-batch Reptile
             self.memory.add(xi, yi, ti)
         torch._foreach_copy_(params, w_views)
+        return total / max(n_steps, 1)
+
+    @torch.no_grad()
+    def _observe_compiled(self, x, y, t):
+        """Algorithm 1 with each single-sample step one compiled program."""
+        w = [p.detach() for p in self.backbone.parameters()]
+        total = torch.zeros((), device=x.device)
+        n_steps = 0
+        for i in range(x.shape[0]):
+            xi, yi, ti = x[i:i + 1], y[i:i + 1], t[i:i + 1]
+            theta_0 = [p.clone() for p in w]
+            for _ in range(self.batches_per_example):
+                mx, my, mt = self.memory.sample(self.replay_batch_size)
+                bx, by, bt = torch.cat([xi, mx]), torch.cat([yi, my]), torch.cat([ti, mt])
+                theta_a = [p.clone() for p in w]
+                for j in range(len(by)):
+                    loss, new_w = self._compiled.run(True, x.device, tuple(w), bx[j:j + 1],
+                                                     by[j:j + 1], bt[j:j + 1])
+                    torch._foreach_copy_(w, list(new_w))  # out of the program's buffers
+                    total += loss
+                    n_steps += 1
+                self.reptile(w, theta_a, self.beta)
+            self.reptile(w, theta_0, self.gamma)
+            self.memory.add(xi, yi, ti)
         return total / max(n_steps, 1)
 
     def _observe_autograd(self, x, y, t):
