@@ -11,7 +11,8 @@ Two kinds of rows (each prints its peak GPU memory on CUDA):
   models built from the experiment's own config, after warm-up batches with a full memory,
   which include the compilation): ours eager (`method.compile=false`), ours compiled
   (`method.compile=true`: the glance + outer step as one torch.compile program, a CUDA graph
-  on a GPU; MER: each single-sample step), and the naive eager loop of benchmarks/bench_lamaml.py (the reference's
+  on a GPU; MER: each single-sample step; Meta-BGD: each Monte-Carlo sample's gradients),
+  and the naive eager loop of benchmarks/bench_lamaml.py (the reference's
   structure: fast weights through autograd, one backward per glance);
 * whole runs (`train.py` configs run in-process on CIFAR-100 lookalike files in the real
   pickle format, written to a temporary folder): train seconds per incoming batch of ER,
@@ -57,6 +58,8 @@ OBSERVE_ROWS = {
     "lamaml_tinyimagenet": ("lamaml/lamaml_tinyimagenet_single_pass", TINY),
     # MER's eager path on a conv net is the naive loop itself (one optimizer step per sample)
     "mer_cifar": ("baselines/mer_cifar100_single_pass", CIFAR),
+    # Meta-BGD's eager path is La-MAML's literal autograd loop, i.e. the naive loop
+    "meta_bgd_cifar": ("baselines/meta_bgd_cifar100_single_pass", CIFAR),
 }
 RUN_ROWS = ("er_cifar", "finetune_cifar", "icarl_cifar", "default_run")
 

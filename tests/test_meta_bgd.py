@@ -217,3 +217,61 @@ def test_reference_initialisation_keeps_the_first_cifar_batch_finite():
     # glance is NaN. With Xavier weights the loss stays near log(5).
     assert _first_cifar_batch_loss("xavier_normal") < 3.0
     assert _first_cifar_batch_loss("kaiming_normal") > 100.0
+
+
+def _stream_run(compile: bool, multi_head: bool, learn_lr: bool, dtype=torch.float32,
+                device="cpu"):
+    torch.manual_seed(0)
+    info = (TaskInfo(2, SHAPE, N_OUT, ((0, 1), (2, 3)), "class") if multi_head
+            else TaskInfo(2, SHAPE, N_OUT, ((0, 1, 2, 3),) * 2, "domain"))
+    m = MetaBGD(MLP(SHAPE, N_OUT, hidden=(5,)).to(dtype), info, batch_size=4, glances=2,
+                memories=5, replay_batch_size=3, inner_batches=2, learn_lr=learn_lr,
+                compile=compile).to(device=device, dtype=dtype)
+    if compile and device == "cpu":
+        m._mc_program.backend = "aot_eager"  # the same fullgraph trace, no C++ generated
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(7)  # shuffles, replay draws, noise: one stream for both paths
+    losses = []
+    for task, sizes in ((0, (4, 4, 4)), (1, (4, 4, 3))):  # a task switch, a short last batch
+        m.before_task(task, None)
+        for n in sizes:
+            x = torch.randn(n, *SHAPE, generator=g, dtype=dtype)
+            y = torch.tensor(info.task_classes[task])[
+                torch.randint(0, len(info.task_classes[task]), (n,), generator=g)]
+            x, y = x.to(device), y.to(device)
+            losses.append(m.observe(x, y, torch.full((n,), task, device=device)))
+    state = [t.detach().clone() for t in [*m.backbone.parameters(), *m.alpha, *m.std,
+                                          *m.alpha_std]]
+    return m, state, torch.stack(losses), m.memory.x.clone()
+
+
+@pytest.mark.parametrize("multi_head", [False, True])
+@pytest.mark.parametrize("learn_lr", [False, True])
+def test_compiled_monte_carlo_gradients_equal_the_eager_path(multi_head, learn_lr):
+    """method.compile=true: each Monte-Carlo sample's gradients as one compiled program give
+    the eager update of means, stds and step sizes over a task switch, a full memory and a
+    shorter last batch (which runs the same function uncompiled)."""
+    m, got, losses, memory = _stream_run(True, multi_head, learn_lr)
+    assert m._mc_program.compiled_calls > 0 and m._mc_program.eager_calls > 0
+    _, want, want_losses, want_memory = _stream_run(False, multi_head, learn_lr)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-6)
+    assert torch.equal(memory, want_memory)
+    assert max(float((a - b).abs().max()) for a, b in zip(got, _stream_run(
+        False, multi_head, learn_lr)[1])) == 0  # the eager path is deterministic
+    torch.manual_seed(0)
+    initial = [p.detach() for p in MLP(SHAPE, N_OUT, hidden=(5,)).parameters()]
+    assert max(float((a - b).abs().max()) for a, b in zip(got, initial)) > 1e-3  # it trained
+
+
+def test_compile_is_refused_for_a_changed_update_and_allows_32_bit_only():
+    class OwnObserve(MetaBGD):
+        def observe(self, x, y, t):
+            return super().observe(x, y, t)
+
+    with pytest.raises(ConfigError, match="OwnObserve changes Meta-BGD's loss or update"):
+        OwnObserve(MLP(SHAPE, N_OUT), TaskInfo(3, SHAPE, N_OUT, ((0, 1, 2, 3),) * 3, "domain"),
+                   compile=True)
+    assert MetaBGD.precisions_for({"compile": True})[0] == ("32-true",)
+    assert make()._mc_program is None

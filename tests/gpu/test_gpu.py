@@ -296,3 +296,16 @@ def test_mer_compiled_steps_replay_as_eager_on_cuda(backbone):
     _, want, want_loss, _ = run("_observe_autograd", backbone=backbone, device="cuda")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_meta_bgd_compiled_monte_carlo_gradients_replay_as_eager_on_cuda():
+    """Meta-BGD with method.compile=true on CUDA (a CUDA graph per Monte-Carlo sample) gives
+    the eager update (tests/test_meta_bgd.py checks the same on the CPU)."""
+    from tests.test_meta_bgd import _stream_run
+
+    m, got, losses, _ = _stream_run(True, True, True, device="cuda")
+    assert m._mc_program.cuda_graphs and m._mc_program.compiled_calls > 0
+    _, want, want_losses, _ = _stream_run(False, True, True, device="cuda")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-5)

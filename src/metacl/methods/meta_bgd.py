@@ -29,6 +29,12 @@ alpha itself (no relu) with inner gradients clamped to +-grad_clip_norm, the wei
 batch size (BGD expects summed, not averaged, losses), a fresh shuffle and replay draw for every
 Monte-Carlo sample, and alpha among BGD's parameters (its `Learner.named_parameters()` includes
 the step sizes, so they are sampled and get their own mean and std). docs/methods/meta_bgd.md.
+
+`compile: true` (for GPUs): one Monte-Carlo sample's gradients (the look-ahead loss at theta,
+its second-order gradients, the clip and the batch-size scale) are one pure function of theta,
+compiled once (metacl.methods.compiled; a CUDA graph on CUDA) for the steady shapes; theta is
+passed in rather than written into the parameters. The shuffles, replay draws, noise and the
+BGD update stay eager. tests/test_meta_bgd.py checks it against the eager path.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from torch import Tensor, nn
 
 from metacl.errors import ConfigError
 from metacl.methods.common import BufferList
+from metacl.methods.compiled import CompiledProgram, clip_total_norm
 from metacl.methods.lamaml import LaMAML, clip_by_total_norm_
 
 
@@ -77,6 +84,7 @@ class MetaBGD(LaMAML):
         inner_grad_clamp: float | None = 2.0,
         inner_lr_relu: bool = False,
         vectorize: bool = True,
+        compile: bool = False,
     ):
         super().__init__(
             backbone, task_info, batch_size=batch_size, n_epochs=n_epochs, glances=glances,
@@ -98,6 +106,22 @@ class MetaBGD(LaMAML):
         self.std = BufferList(torch.full_like(p, std_init) for p in backbone.parameters())
         self.alpha_std = BufferList(torch.full_like(a, std_init) for a in self.alpha
                                     if learn_lr)
+        self.compile = bool(compile)  # LaMAML's compiled glance (its outer step) is not used
+        if self.compile and (type(self).loss is not LaMAML.loss
+                             or type(self).observe is not MetaBGD.observe):
+            raise ConfigError(f"method.compile=true: {type(self).__name__} changes Meta-BGD's "
+                              "loss or update; the compiled program is Meta-BGD's own")
+        self._mc_program = CompiledProgram(self.mc_gradients) if self.compile else None
+
+    def mc_gradients(self, w, a, x, y, bx, by, bt, task):
+        """One Monte-Carlo sample's (loss, scaled clipped dL/dw, scaled dL/dalpha) at theta =
+        (w, a), a pure function for method.compile: the eager path's maths."""
+        class_mask = self.class_mask if self.task_info.multi_head else None
+        loss, gw, ga = self.functional_glance(self.backbone, w, a, x, y, bx, by, bt,
+                                              class_mask, task)
+        scale = float(x.shape[0])
+        gw = [g * scale for g in clip_total_norm(gw, self.grad_clip_norm)]
+        return loss, gw, [g * scale for g in ga]
 
     @property
     def fast_path(self) -> bool:
@@ -124,16 +148,20 @@ class MetaBGD(LaMAML):
                 x, y, t = x[perm], y[perm], t[perm]
                 bx, by, bt = self.meta_batch(x, y, t)
                 eps = self.sample_noise(means)
-                with torch.no_grad():  # theta = mu + sigma * eps, written into the parameters
-                    torch._foreach_copy_(targets, torch._foreach_addcmul(means, stds, eps))
-                loss, grad_w, grad_a = self.glance_gradients(x, y, bx, by, bt,
-                                                             need_alpha=self.learn_lr)
+                if self._mc_program is not None:
+                    loss, grads = self._compiled_mc(means, stds, eps, x, y, bx, by, bt)
+                else:
+                    with torch.no_grad():  # theta = mu + sigma * eps, into the parameters
+                        torch._foreach_copy_(targets, torch._foreach_addcmul(means, stds, eps))
+                    loss, grad_w, grad_a = self.glance_gradients(x, y, bx, by, bt,
+                                                                 need_alpha=self.learn_lr)
                 if glance == 0 and mc == 0 and push:
                     self.memory.add(x, y, t)
                 with torch.no_grad():
-                    clip_by_total_norm_(grad_w, self.grad_clip_norm)  # weights only, as the ref.
-                    grads = grad_w + (grad_a if self.learn_lr else [])
-                    torch._foreach_mul_(grads, scale)
+                    if self._mc_program is None:
+                        clip_by_total_norm_(grad_w, self.grad_clip_norm)  # weights only (ref.)
+                        grads = grad_w + (grad_a if self.learn_lr else [])
+                        torch._foreach_mul_(grads, scale)
                     torch._foreach_add_(grad_sum, grads)
                     torch._foreach_addcmul_(grad_eps_sum, grads, eps)
                 losses.append(loss)
@@ -143,3 +171,19 @@ class MetaBGD(LaMAML):
         with torch.no_grad():  # rest at the mean: evaluation and checkpoints see mu
             torch._foreach_copy_(targets, means)
         return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def _compiled_mc(self, means, stds, eps, x, y, bx, by, bt):
+        """mc_gradients at theta = mu + sigma * eps: the compiled program for the steady shapes
+        (a full incoming batch and meta-batch), the same function eagerly for the others."""
+        theta = torch._foreach_addcmul(means, stds, eps)
+        n_w = len(self.std)
+        w = tuple(theta[:n_w])
+        a = tuple(theta[n_w:]) if self.learn_lr else tuple(p.detach() for p in self.alpha)
+        steady = (x.shape[0], bx.shape[0]) == (
+            self.batch_size, self.batch_size + min(self.replay_batch_size, self.memories))
+        loss, gw, ga = self._mc_program.run(steady, x.device, w, a, x, y, bx, by, bt,
+                                            self.task_counter)
+        # out of the program's buffers (a CUDA graph reuses them at its next replay)
+        grads = [g.clone() for g in gw] + ([g.clone() for g in ga] if self.learn_lr else [])
+        return loss.detach().clone(), grads
