@@ -2,6 +2,7 @@
 separate runs; grouping rules; the launcher end to end."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -238,6 +239,63 @@ def test_population_sweep_writes_each_jobs_own_run_equal_to_the_separate_runs(tm
         assert p["accuracy_matrix"] == a["accuracy_matrix"]
         assert (tmp_path / "pop" / name / "checkpoints" / "last.ckpt").exists()
         assert (tmp_path / "pop" / name / ".hydra" / "config.yaml").exists()
+
+
+def test_a_group_split_over_processes_stops_and_resumes_to_the_uninterrupted_runs(tmp_path):
+    """hydra.launcher.processes=2: 4 ER seeds train as two populations of 2 in two forked
+    processes. SIGTERM to the launcher: it forwards the signal, its processes save and stop,
+    and it exits as a stopped run (143). resume=true finishes them, with the matrices of the
+    same command run without a stop (float32 populations round differently from separate
+    runs over long runs: docs/sweeps.md)."""
+    import signal
+    import time
+
+    common = ["-m", "seed=0,1,2,3", "method=er", "debug=fast", "dataset.limit_tasks=2",
+              "dataset.limit_train_per_task=600", "logger=none", "hydra/launcher=population",
+              "hydra.launcher.processes=2"]
+    pop = [*common, "hydra.sweep.dir=pop"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *pop], cwd=tmp_path,
+                            env={**os.environ, "WANDB_MODE": "disabled"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while (len(list((tmp_path / "pop").glob("*/results.json"))) < 4
+           and proc.poll() is None and time.monotonic() < deadline):
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside the first task
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.count("population of 2 jobs") == 2 and "in process" in err, err[-3000:]
+    stopped = [json.loads(p.read_text())["status"]
+               for p in (tmp_path / "pop").glob("*/results.json")]
+    assert len(stopped) == 4 and "interrupted" in stopped, stopped
+    assert set(stopped) <= {"interrupted", "completed"}  # none left "running"
+    resumed = train([*pop, "resume=true"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr
+    whole = train([*common, "hydra.sweep.dir=whole"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    for k in range(4):
+        name = f"{k}_dataset.limit_tasks=2,dataset.limit_train_per_task=600,method=er,seed={k}"
+        w = json.loads((tmp_path / "whole" / name / "results.json").read_text())
+        p = json.loads((tmp_path / "pop" / name / "results.json").read_text())
+        assert p["status"] == w["status"] == "completed"
+        assert p["population"] == w["population"] == {"members": 2, "index": k % 2,
+                                                      "processes": 2}
+        assert p["accuracy_matrix"] == w["accuracy_matrix"], k
+
+
+def test_processes_auto_and_bad_values(compose):
+    from metacl.population.launch import group_processes
+
+    cpu = [compose(["trainer=cpu"])] * 8
+    cores = os.cpu_count() or 1
+    assert group_processes("auto", cpu) == min(cores, 4)  # at least two members each
+    assert group_processes("auto", cpu[:3]) == 1
+    assert group_processes(3, cpu) == 3 and group_processes(3, cpu[:2]) == 2
+    for bad in (0, -1, 1.5, "two", True):
+        with pytest.raises(ConfigError, match=f"hydra.launcher.processes={bad}: allowed: auto"):
+            group_processes(bad, cpu)
 
 
 def test_a_diverging_member_is_marked_and_the_others_complete(tmp_path):

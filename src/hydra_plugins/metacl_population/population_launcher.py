@@ -10,8 +10,9 @@ from hydra.plugins.launcher import Launcher
 
 
 class PopulationLauncher(Launcher):
-    def __init__(self, max_members: int = 64) -> None:
+    def __init__(self, max_members: int = 64, processes="auto") -> None:
         self.max_members = max_members
+        self.processes = processes
         self.config = self.hydra_context = self.task_function = None
 
     def setup(self, *, hydra_context, task_function, config) -> None:

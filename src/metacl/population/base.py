@@ -70,6 +70,8 @@ class MemberLoops:
             if m.loop.resume is not None:
                 self.guard(m, m.loop.continue_checkpoint)
             m.loop.record.data["population"] = {"members": len(self.members), "index": k}
+            if m.processes > 1:  # one part of a group split over processes
+                m.loop.record.data["population"]["processes"] = m.processes
         try:
             with self.signals:
                 self.train()

@@ -1,8 +1,18 @@
 """The population launcher's work: compose the jobs, group them, prepare every member as a
-separate run would be prepared, train each group together, return one JobReturn per job."""
+separate run would be prepared, train each group together, return one JobReturn per job.
+
+`hydra.launcher.processes` splits a group over forked processes on a CPU (one core each, at
+least two members each): a population on one core is bound by arithmetic, so the cores left
+idle by one run's single thread are the rest of the speed-up (docs/sweeps.md). The parent
+forwards a stop signal to its children as SIGTERM, waits for their checkpoints, and exits as
+a stopped run does (or lets submitit requeue the job on SIGUSR2).
+"""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -13,6 +23,7 @@ from omegaconf import DictConfig, open_dict
 
 from metacl.checkpoint import Interrupted
 from metacl.cli import user_error
+from metacl.errors import ConfigError
 from metacl.population.episodic import EpisodicPopulationLoop
 from metacl.population.grouping import group_jobs
 from metacl.population.loop import PopulationLoop
@@ -37,6 +48,8 @@ def launch(launcher, job_overrides, initial_job_idx: int):
         configs.append(job)
     try:
         groups = group_jobs(configs, launcher.max_members)
+        processes = [group_processes(launcher.processes, [configs[i] for i in g.jobs])
+                     for g in groups]
     except Exception as err:
         found = user_error(err)
         if found is None:
@@ -44,7 +57,7 @@ def launch(launcher, job_overrides, initial_job_idx: int):
         print(f"error: {found}", file=sys.stderr)
         sys.exit(2)
     returns = [None] * len(configs)
-    for group in groups:
+    for group, n_processes in zip(groups, processes):
         if len(group.jobs) == 1:
             i = group.jobs[0]
             console.print(f"job {initial_job_idx + i} trains alone: {group.why_alone}")
@@ -52,16 +65,107 @@ def launch(launcher, job_overrides, initial_job_idx: int):
                                  task_function=launcher.task_function, config=configs[i],
                                  job_dir_key="hydra.sweep.dir",
                                  job_subdir_key="hydra.sweep.subdir")
+        elif n_processes > 1:
+            for index, ret in train_in_processes(launcher, configs, group, n_processes,
+                                                 initial_job_idx).items():
+                returns[index] = ret
         else:
-            members = [prepare_member(launcher, i, configs[i]) for i in group.jobs]
-            differ = ", ".join(group.keys) or "nothing"
-            console.print(f"population of {len(members)} jobs "
-                f"({', '.join(str(initial_job_idx + i) for i in group.jobs)}), differing in "
-                f"{differ}")
-            train_members(members)
-            for m in members:
+            for m in train_group(launcher, configs, group, group.jobs, initial_job_idx):
                 returns[m.index] = m.ret
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    return returns
+
+
+def train_group(launcher, configs, group, jobs: list[int], initial_job_idx: int,
+                processes: int = 1) -> list[Member]:
+    """Prepare the jobs `jobs` of `group` and train them together; their members."""
+    members = [prepare_member(launcher, i, configs[i]) for i in jobs]
+    for m in members:
+        m.processes = processes
+    differ = ", ".join(group.keys) or "nothing"
+    where = f" in process {os.getpid()}" if processes > 1 else ""
+    console.print(f"population of {len(members)} jobs "
+                  f"({', '.join(str(initial_job_idx + i) for i in jobs)}), differing in "
+                  f"{differ}{where}")
+    train_members(members)
+    return members
+
+
+def group_processes(setting, configs: list[DictConfig]) -> int:
+    """How many processes train one group: `processes` (an integer >= 1), or auto: on a
+    CPU, one per core, with at least two members each; on a GPU one."""
+    if setting == "auto":
+        from metacl.runner.trainer import auto_device
+
+        trainer, _ = auto_device(configs[0].trainer, configs[0].get("model"))
+        accelerator = trainer.get("accelerator", "auto")
+        import torch
+
+        on_cpu = accelerator == "cpu" or (accelerator == "auto"
+                                          and not torch.cuda.is_available())
+        return max(1, min(os.cpu_count() or 1, len(configs) // 2)) if on_cpu else 1
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise ConfigError(f"hydra.launcher.processes={setting}: allowed: auto or a whole "
+                          "number >= 1")
+    return min(setting, len(configs))
+
+
+def train_in_processes(launcher, configs, group, n: int, initial_job_idx: int) -> dict:
+    """The group split into n contiguous parts, each trained as a population in a forked
+    process with 1/n of the CPU threads; their JobReturns by job index."""
+    from metacl.runner import cpu
+
+    jobs = list(group.jobs)
+    parts = [jobs[k * len(jobs) // n:(k + 1) * len(jobs) // n] for k in range(n)]
+    context = multiprocessing.get_context("fork")
+    children = []
+    for part in parts:
+        receive, send = context.Pipe(duplex=False)
+
+        def child(part=part, send=send):
+            os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the parent, which forwards it
+            if hasattr(signal, "SIGUSR2"):  # the parent answers submitit's signal
+                signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+            cpu.DEFAULT_THREADS = max(1, cpu.DEFAULT_THREADS // n)
+            members = train_group(launcher, configs, group, part, initial_job_idx, n)
+            send.send({m.index: m.ret for m in members})
+
+        process = context.Process(target=child, daemon=False)
+        process.start()
+        send.close()
+        children.append((process, receive))
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        for process, _ in children:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+
+    stop_signals = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGUSR2")
+                    if hasattr(signal, s)]
+    previous = {s: signal.signal(s, forward) for s in stop_signals}
+    returns, failed = {}, []
+    try:
+        for process, receive in children:
+            try:
+                returns.update(receive.recv())
+            except EOFError:  # stopped by a signal, or crashed: its exit code says which
+                pass
+            process.join()
+            if process.exitcode:
+                failed.append(process.exitcode)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        usr2 = getattr(signal, "SIGUSR2", None)
+        if received[0] == usr2 and callable(previous.get(usr2)):
+            previous[usr2](usr2, None)  # submitit: requeue this job (its handler exits)
+        sys.exit(128 + (signal.SIGTERM if received[0] == usr2 else received[0]))
+    if failed:
+        print(f"error: a population process exited with code {failed[0]}", file=sys.stderr)
+        sys.exit(failed[0])
     return returns
 
 

@@ -77,6 +77,7 @@ class Member:
     value: float = float("nan")  # the job's return value so far
     active: bool = True
     notes: list[str] = field(default_factory=list)
+    processes: int = 1  # the processes its group was split over (hydra.launcher.processes)
 
     @property
     def method(self):
