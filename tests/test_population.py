@@ -286,10 +286,10 @@ def test_a_group_split_over_processes_stops_and_resumes_to_the_uninterrupted_run
 
 
 def test_processes_auto_and_bad_values(compose):
-    from metacl.population.launch import group_processes
+    from metacl.population.launch import group_processes, usable_cores
 
     cpu = [compose(["trainer=cpu"])] * 8
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     assert group_processes("auto", cpu) == min(cores, 4)  # at least two members each
     assert group_processes("auto", cpu[:3]) == 1
     assert group_processes(3, cpu) == 3 and group_processes(3, cpu[:2]) == 2

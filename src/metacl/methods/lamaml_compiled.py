@@ -8,7 +8,8 @@ launch-bound. Here the whole glance is one pure function of tensors,
 
 (the method's `functional_glance`: for La-MAML `lamaml_func.glance`, the functional form of
 the literal loop that population runs vmap; La-ER adds its replay-loss gradient; followed by
-`outer_step` below), given to `torch.compile(fullgraph=True, dynamic=False)`:
+`outer_step` below), given to `torch.compile(fullgraph=True, dynamic=False)` by
+`metacl.methods.compiled.CompiledProgram` (which MER and Meta-BGD use too):
 Inductor fuses the elementwise work into few kernels, and on CUDA the "reduce-overhead" mode
 records the program as a CUDA graph and replays it once per glance. The step reads no value
 back to the host. What stays outside the program, eagerly, in the method's observe: the shuffle, the

@@ -91,6 +91,14 @@ def train_group(launcher, configs, group, jobs: list[int], initial_job_idx: int,
     return members
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a SLURM job's allocation, a taskset), not the
+    machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def group_processes(setting, configs: list[DictConfig]) -> int:
     """How many processes train one group: `processes` (an integer >= 1), or auto: on a
     CPU, one per core, with at least two members each; on a GPU one."""
@@ -103,7 +111,7 @@ def group_processes(setting, configs: list[DictConfig]) -> int:
 
         on_cpu = accelerator == "cpu" or (accelerator == "auto"
                                           and not torch.cuda.is_available())
-        return max(1, min(os.cpu_count() or 1, len(configs) // 2)) if on_cpu else 1
+        return max(1, min(usable_cores(), len(configs) // 2)) if on_cpu else 1
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
         raise ConfigError(f"hydra.launcher.processes={setting}: allowed: auto or a whole "
                           "number >= 1")
