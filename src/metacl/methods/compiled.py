@@ -9,8 +9,8 @@ little arithmetic. A method that opts in writes its update as one pure function 
 Each method keeps the eager code that owns the stream (shuffles, replay draws, memory writes)
 and calls `run(steady, *tensors)`: the compiled program for the shapes it was compiled for
 (`steady`), the same function uncompiled for the others (a task's shorter last batch, a memory
-still filling up), so nothing recompiles. Users: La-MAML's family (lamaml_compiled.py) and
-MER (mer.py).
+still filling up), so nothing recompiles. Users: La-MAML's family (lamaml_compiled.py),
+MER (mer.py) and Meta-BGD (meta_bgd.py).
 """
 
 from __future__ import annotations

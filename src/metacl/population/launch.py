@@ -127,21 +127,6 @@ def train_in_processes(launcher, configs, group, n: int, initial_job_idx: int) -
     parts = [jobs[k * len(jobs) // n:(k + 1) * len(jobs) // n] for k in range(n)]
     context = multiprocessing.get_context("fork")
     children = []
-    for part in parts:
-        receive, send = context.Pipe(duplex=False)
-
-        def child(part=part, send=send):
-            os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the parent, which forwards it
-            if hasattr(signal, "SIGUSR2"):  # the parent answers submitit's signal
-                signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-            cpu.DEFAULT_THREADS = max(1, cpu.DEFAULT_THREADS // n)
-            members = train_group(launcher, configs, group, part, initial_job_idx, n)
-            send.send({m.index: m.ret for m in members})
-
-        process = context.Process(target=child, daemon=False)
-        process.start()
-        send.close()
-        children.append((process, receive))
     received: list[int] = []
 
     def forward(signum, frame):
@@ -153,6 +138,31 @@ def train_in_processes(launcher, configs, group, n: int, initial_job_idx: int) -
     stop_signals = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGUSR2")
                     if hasattr(signal, s)]
     previous = {s: signal.signal(s, forward) for s in stop_signals}
+    for part in parts:
+        receive, send = context.Pipe(duplex=False)
+
+        def child(part=part, send=send):
+            os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the parent, which forwards it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's forwarding
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if hasattr(signal, "SIGUSR2"):  # the parent answers submitit's signal
+                signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+            cpu.DEFAULT_THREADS = max(1, cpu.DEFAULT_THREADS // n)
+            members = train_group(launcher, configs, group, part, initial_job_idx, n)
+            send.send({m.index: m.ret for m in members})
+
+        process = context.Process(target=child, daemon=False)
+        # blocked across the fork: the child takes them only once its own handlers are set
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        send.close()
+        children.append((process, receive))
+        if received:  # a stop signal came while the processes started
+            os.kill(process.pid, signal.SIGTERM)
     returns, failed = {}, []
     try:
         for process, receive in children:
