@@ -105,6 +105,10 @@ def group_processes(setting, configs: list[DictConfig]) -> int:
     if setting == "auto":
         from metacl.runner.trainer import auto_device
 
+        # Ask NVML, not the CUDA runtime, whether a GPU is there: a runtime initialised here
+        # could not be used by the processes forked below.
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
         trainer, _ = auto_device(configs[0].trainer, configs[0].get("model"))
         accelerator = trainer.get("accelerator", "auto")
         import torch
