@@ -74,6 +74,31 @@ def test_a_run_logs_one_long_table_one_heatmap_timing_and_git_state(compose, tmp
     assert of_type(recs, "exit")[-1]["exit_code"] == 0
 
 
+def test_each_population_member_logs_its_own_run(tmp_path, offline):
+    """A population keeps its members' runs open side by side in one process: each member
+    gets its own W&B run (wandb's default handed the second member the first one's run, which
+    the first then finished, and the second member failed)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "seed=0,1", *TINY,
+                           "hydra/launcher=population", "hydra.sweep.dir=pop"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "population of 2 jobs" in proc.stderr
+    ids = []
+    for k in range(2):
+        (member,) = (tmp_path / "pop").glob(f"{k}_*")
+        results = _results(member)
+        assert results["status"] == "completed"
+        (run_dir,) = offline_runs(member)
+        recs = records(run_dir)
+        (run,) = of_type(recs, "run")
+        assert run["run_id"] == results["logger"]["run_id"]
+        final = summary(recs)
+        assert final["status"] == "completed" and final["RA"] == results["metrics"]["RA"]
+        assert config(recs)["seed"] == k
+        ids.append(run["run_id"])
+    assert ids[0] != ids[1]
+
+
 def test_seeds_of_one_configuration_share_a_group(compose):
     def group(*overrides):
         return config_group(compose(["method=er", *overrides]), "er", "mnist_rotations")

@@ -240,6 +240,9 @@ def _init_run(kwargs: dict, mode: str):
     """wandb.init; an online start that fails goes on offline with one line."""
     import wandb
 
+    # create_new: every job its own run, also when several jobs are alive in one process (a
+    # population's members); wandb's default would hand the second job the first one's run.
+    kwargs = {**kwargs, "reinit": "create_new"}
     settings = wandb.Settings(silent=mode != "online", init_timeout=60)
     try:
         return wandb.init(**kwargs, mode=mode, settings=settings), mode
