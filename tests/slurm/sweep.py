@@ -88,14 +88,21 @@ class Sweep:
 
     def _release_requeued(self) -> None:
         """SLURM holds a requeued batch job for 120 s (reason BeginTime) before it may start
-        again; as an administrator would, this thread lets it start at once (with
-        `requeued_time_limit` minutes, if set)."""
+        again; as an administrator would, this thread lets it start sooner (with
+        `requeued_time_limit` minutes, if set): 3 s after it was first seen waiting. Released
+        within the second of its requeue, the job was killed at once ("Job credential
+        revoked": slurmd still held the revoked credential of the run it just ended)."""
+        first_seen: dict[str, float] = {}
         while not self._stop.wait(1.0):
             pending = _run("squeue", "-h", f"--name={self.name}", "-t", "PD", "-o", "%i %r")
             for line in pending.stdout.splitlines():
                 job_id, _, reason = line.partition(" ")
                 if reason.strip() != "BeginTime":
                     continue
+                seen = first_seen.setdefault(job_id, time.monotonic())
+                if time.monotonic() - seen < 3.0:
+                    continue
+                first_seen.pop(job_id)
                 if self.requeued_time_limit is not None:
                     _run("scontrol", "update", f"jobid={job_id}",
                          f"timelimit={self.requeued_time_limit}")
