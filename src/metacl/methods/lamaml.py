@@ -314,6 +314,11 @@ class LaMAML(ContinualMethod):
         self.outer_step(weights, alphas, grad_w, grad_a)
         return meta_loss
 
+    def steady_shapes(self) -> tuple[int, int]:
+        """(incoming, meta-batch) rows once the memory is full: the shapes compiled programs
+        (method.compile) are built for; other shapes run the same function eagerly."""
+        return self.batch_size, self.batch_size + min(self.replay_batch_size, self.memories)
+
     def functional_glance(self, forward, w, a, x, y, bx, by, bt, class_mask, task):
         """glance_step's (loss, dL/dw, dL/dalpha) as a pure function of tensors, for
         method.compile (lamaml_compiled.py). A subclass with its own update overrides both."""

@@ -79,17 +79,11 @@ class CompiledGlance(CompiledProgram):
 
         super().__init__(step, mode)
 
-    def steady_shapes(self) -> tuple[int, int]:
-        """(incoming, meta-batch) rows of the compiled program."""
-        m = self.method
-        replay = min(m.replay_batch_size, m.memories)
-        return m.batch_size, m.batch_size + replay
-
     def __call__(self, weights: list[Tensor], alphas: list[Tensor], x: Tensor, y: Tensor,
                  bx: Tensor, by: Tensor, bt: Tensor) -> Tensor:
         task = self.method.task_counter  # a 0-d tensor: a new task is data, not a recompile
         w, a = tuple(p.detach() for p in weights), tuple(p.detach() for p in alphas)
-        steady = (x.shape[0], bx.shape[0]) == self.steady_shapes()
+        steady = (x.shape[0], bx.shape[0]) == self.method.steady_shapes()
         loss, new_w, new_a = self.run(steady, x.device, w, a, x, y, bx, by, bt, task)
         with torch.no_grad():  # out of the program's buffers (a CUDA graph reuses them)
             torch._foreach_copy_(list(w), list(new_w))

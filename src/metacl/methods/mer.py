@@ -146,33 +146,33 @@ class MER(SGDMethod):
         torch._foreach_copy_(params, w_views)
         return total / max(n_steps, 1)
 
-    @torch.no_grad()
     def _observe_compiled(self, x, y, t):
         """Algorithm 1 with each single-sample step one compiled program."""
         w = [p.detach() for p in self.backbone.parameters()]
-        total = torch.zeros((), device=x.device)
-        n_steps = 0
-        for i in range(x.shape[0]):
-            xi, yi, ti = x[i:i + 1], y[i:i + 1], t[i:i + 1]
-            theta_0 = [p.clone() for p in w]
-            for _ in range(self.batches_per_example):
-                mx, my, mt = self.memory.sample(self.replay_batch_size)
-                bx, by, bt = torch.cat([xi, mx]), torch.cat([yi, my]), torch.cat([ti, mt])
-                theta_a = [p.clone() for p in w]
-                for j in range(len(by)):
-                    loss, new_w = self._compiled.run(True, x.device, tuple(w), bx[j:j + 1],
-                                                     by[j:j + 1], bt[j:j + 1])
-                    torch._foreach_copy_(w, list(new_w))  # out of the program's buffers
-                    total += loss
-                    n_steps += 1
-                self.reptile(w, theta_a, self.beta)
-            self.reptile(w, theta_0, self.gamma)
-            self.memory.add(xi, yi, ti)
-        return total / max(n_steps, 1)
+
+        @torch.no_grad()
+        def step(bx, by, bt):
+            loss, new_w = self._compiled.run(True, x.device, tuple(w), bx, by, bt)
+            torch._foreach_copy_(w, list(new_w))  # out of the program's buffers
+            return loss.clone()
+
+        return self._algorithm_1(x, y, t, w, step)
 
     def _observe_autograd(self, x, y, t):
         opt = self.optimizers()
-        params = list(self.backbone.parameters())
+
+        def step(bx, by, bt):
+            opt.zero_grad()
+            loss = self.loss(self.backbone(bx), by, bt)
+            self.manual_backward(loss)
+            self.step(opt)  # clipped SGD step with step size lr
+            return loss.detach()
+
+        return self._algorithm_1(x, y, t, list(self.backbone.parameters()), step)
+
+    def _algorithm_1(self, x, y, t, params, step):
+        """Algorithm 1's loops around `step(x_j, y_j, t_j)`, one single-sample update of
+        `params` in place returning its loss; the Reptile interpolations act on `params`."""
         total = torch.zeros((), device=x.device)
         n_steps = 0
         for i in range(x.shape[0]):
@@ -183,11 +183,7 @@ class MER(SGDMethod):
                 bx, by, bt = torch.cat([xi, mx]), torch.cat([yi, my]), torch.cat([ti, mt])
                 theta_a = [p.detach().clone() for p in params]
                 for j in range(len(by)):
-                    opt.zero_grad()
-                    loss = self.loss(self.backbone(bx[j:j + 1]), by[j:j + 1], bt[j:j + 1])
-                    self.manual_backward(loss)
-                    self.step(opt)  # clipped SGD step with step size lr
-                    total += loss.detach()
+                    total += step(bx[j:j + 1], by[j:j + 1], bt[j:j + 1])
                     n_steps += 1
                 self.reptile(params, theta_a, self.beta)
             self.reptile(params, theta_0, self.gamma)

@@ -135,7 +135,6 @@ class MetaBGD(LaMAML):
 
     def observe(self, x: Tensor, y: Tensor, t: Tensor) -> Tensor:
         push = self._first_epoch()
-        scale = float(x.shape[0])  # BGD's gradients are of the summed loss over the batch
         targets = list(self.backbone.parameters()) + (list(self.alpha) if self.learn_lr else [])
         stds = list(self.std) + list(self.alpha_std)
         means = [p.detach().clone() for p in targets]  # mu, while the parameters hold samples
@@ -143,25 +142,16 @@ class MetaBGD(LaMAML):
             grad_sum = [torch.zeros_like(m) for m in means]
             grad_eps_sum = [torch.zeros_like(m) for m in means]
             losses = []
-            for mc in range(self.train_mc_iters):
+            for mc_iter in range(self.train_mc_iters):
                 perm = torch.randperm(x.shape[0], device=x.device)
                 x, y, t = x[perm], y[perm], t[perm]
                 bx, by, bt = self.meta_batch(x, y, t)
                 eps = self.sample_noise(means)
-                if self._mc_program is not None:
-                    loss, grads = self._compiled_mc(means, stds, eps, x, y, bx, by, bt)
-                else:
-                    with torch.no_grad():  # theta = mu + sigma * eps, into the parameters
-                        torch._foreach_copy_(targets, torch._foreach_addcmul(means, stds, eps))
-                    loss, grad_w, grad_a = self.glance_gradients(x, y, bx, by, bt,
-                                                                 need_alpha=self.learn_lr)
-                if glance == 0 and mc == 0 and push:
+                mc = self._compiled_mc if self._mc_program is not None else self._eager_mc
+                loss, grads = mc(targets, means, stds, eps, x, y, bx, by, bt)
+                if glance == 0 and mc_iter == 0 and push:
                     self.memory.add(x, y, t)
                 with torch.no_grad():
-                    if self._mc_program is None:
-                        clip_by_total_norm_(grad_w, self.grad_clip_norm)  # weights only (ref.)
-                        grads = grad_w + (grad_a if self.learn_lr else [])
-                        torch._foreach_mul_(grads, scale)
                     torch._foreach_add_(grad_sum, grads)
                     torch._foreach_addcmul_(grad_eps_sum, grads, eps)
                 losses.append(loss)
@@ -172,16 +162,28 @@ class MetaBGD(LaMAML):
             torch._foreach_copy_(targets, means)
         return torch.stack(losses).mean()
 
+    def _eager_mc(self, targets, means, stds, eps, x, y, bx, by, bt):
+        """One Monte-Carlo sample's loss and gradients (the reference's way): theta = mu +
+        sigma * eps written into the parameters, the look-ahead gradients by autograd, the
+        weight gradient clipped, both scaled by the batch size (BGD expects summed losses)."""
+        with torch.no_grad():
+            torch._foreach_copy_(targets, torch._foreach_addcmul(means, stds, eps))
+        loss, grad_w, grad_a = self.glance_gradients(x, y, bx, by, bt, need_alpha=self.learn_lr)
+        with torch.no_grad():
+            clip_by_total_norm_(grad_w, self.grad_clip_norm)  # weights only, as the reference
+            grads = grad_w + (grad_a if self.learn_lr else [])
+            torch._foreach_mul_(grads, float(x.shape[0]))
+        return loss, grads
+
     @torch.no_grad()
-    def _compiled_mc(self, means, stds, eps, x, y, bx, by, bt):
+    def _compiled_mc(self, targets, means, stds, eps, x, y, bx, by, bt):
         """mc_gradients at theta = mu + sigma * eps: the compiled program for the steady shapes
         (a full incoming batch and meta-batch), the same function eagerly for the others."""
         theta = torch._foreach_addcmul(means, stds, eps)
         n_w = len(self.std)
         w = tuple(theta[:n_w])
         a = tuple(theta[n_w:]) if self.learn_lr else tuple(p.detach() for p in self.alpha)
-        steady = (x.shape[0], bx.shape[0]) == (
-            self.batch_size, self.batch_size + min(self.replay_batch_size, self.memories))
+        steady = (x.shape[0], bx.shape[0]) == self.steady_shapes()
         loss, gw, ga = self._mc_program.run(steady, x.device, w, a, x, y, bx, by, bt,
                                             self.task_counter)
         # out of the program's buffers (a CUDA graph reuses them at its next replay)
