@@ -17,8 +17,9 @@ For each N it prints the seconds per glance call of
   separate:  N one-member glances (N MLPGlance objects, one after the other, as N runs do),
 and their ratio (throughput of the batched glance over separate glances), as the median of
 `--repeats` measurements (batched and separate interleaved) with their min-max spread; also how
-many input columns the zero-pixel skip keeps (the union over the members' incoming samples; on
-a GPU there is no skip). On a shared machine the minimum is the steadier figure.
+many input columns the zero-pixel skip keeps per member (as many as the member with the most
+nonzero columns in its incoming samples keeps; `columns_union`: the members' columns together,
+for comparison; on a GPU there is no skip). On a shared machine the minimum is the steadier figure.
 """
 
 from __future__ import annotations
@@ -131,7 +132,9 @@ def bench(n: int, images, rotate: bool, calls: int, repeats: int, gen, device) -
     for _ in range(repeats):
         t_batched.append(timed(run_batched, calls, device))
         t_separate.append(timed(run_separate, max(1, calls // n), device))
-    kept = [int(b[0].reshape(-1, 784).ne(0).any(0).sum()) for b in batches]
+    # the columns each member's product keeps: the most nonzero ones of any member
+    kept = [int(b[0].reshape(n, -1, 784).ne(0).any(1).sum(1).max()) for b in batches]
+    union = [int(b[0].reshape(-1, 784).ne(0).any(0).sum()) for b in batches]
     ratios = [s / b for s, b in zip(t_separate, t_batched)]
     return {"members": n, "batched": summary(t_batched), "separate": summary(t_separate),
             "throughput_ratio": round(statistics.median(t_separate) /
@@ -140,6 +143,7 @@ def bench(n: int, images, rotate: bool, calls: int, repeats: int, gen, device) -
             "ratio_spread": [round(min(ratios), 2), round(max(ratios), 2)],
             "zero_pixels": round(float(torch.cat(pools).eq(0).float().mean()), 3),
             "columns_kept": kept if device.type == "cpu" else None,
+            "columns_union": union if device.type == "cpu" else None,
             "skip_taken": [c <= 0.8 * 784 for c in kept] if device.type == "cpu" else None}
 
 

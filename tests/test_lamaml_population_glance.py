@@ -19,11 +19,12 @@ from metacl.models import MLP
 SHAPE = (1, 4, 5)  # 20 input features
 D, N_OUT, K = 20, 4, 4
 MEMBERS = 3
-# Input columns that are zero in every member's incoming samples, except column 3, which is
-# nonzero in member 1 only: the batched glance skips the union of the other members' zero
-# columns, each separate glance its own (member 0's and 2's also skip column 3).
+# Input columns that are zero in every member's incoming samples, except columns 3 and 5
+# (nonzero in member 1 only) and 0 (member 2 only). Every glance skips its member's own zero
+# columns; the batched glance keeps 10 per member, so member 0 pads its 8 nonzero columns with
+# its zero columns 0 and 1 (column 0 is member 2's) and member 2 pads its 9 with column 1.
 ZERO_COLS = list(range(12))
-ONE_MEMBER_COL = 3
+OWN_COLS = {1: [3, 5], 2: [0]}
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
@@ -61,7 +62,8 @@ def member_inputs(gen, dtype, incoming_in_meta, multi_head):
 
 def population_inputs(gen, dtype, incoming_in_meta, multi_head):
     members = [member_inputs(gen, dtype, incoming_in_meta, multi_head) for _ in range(MEMBERS)]
-    members[1][0].view(K, -1)[1, ONE_MEMBER_COL] = 0.7
+    for member, cols in OWN_COLS.items():
+        members[member][0].view(K, -1)[1, cols] = 0.7
     stacked = [None if parts[0] is None else torch.stack(parts) for parts in zip(*members)]
     return members, stacked
 
@@ -102,8 +104,8 @@ def test_batched_glance_equals_separate_glances(dtype, need, relu_lr, incoming_i
     _, warm = population_inputs(gen, dtype, incoming_in_meta, multi_head)
     batched.glance(*warm, True, True, relu_lr, incoming_in_meta)
     members, stacked = population_inputs(gen, dtype, incoming_in_meta, multi_head)
-    union = stacked[0].reshape(-1, D).ne(0).any(0)
-    assert int(union.sum()) == D - len(ZERO_COLS) + 1 <= 0.8 * D  # the skip is taken
+    kept = stacked[0].reshape(MEMBERS, -1, D).ne(0).any(1).sum(1).tolist()
+    assert kept == [8, 10, 9] and max(kept) <= 0.8 * D  # the skip is taken, columns differ
     batched.gw.zero_(), batched.ga.zero_()
     loss = batched.glance(*stacked, need_w, need_alpha, relu_lr, incoming_in_meta)
 

@@ -34,8 +34,9 @@ Populations (issue #16): `MLPGlance(..., members=N)` runs the glances of N indep
 product is batched over it (mm -> bmm, addmm -> baddbmm; the meta-loss's per-step products over
 N*K), and the inputs are stacked per member. What batching saves is the per-operation
 overhead, mostly the inner loop's ~15 small operations per step; the products themselves cost
-N times a single run's. The zero-pixel skip keeps the union of the members' nonzero columns
-(exact for each member, but more columns than any one member's). A single run is the
+N times a single run's. The zero-pixel skip is per member: each keeps its own nonzero
+columns, padded with its own zero columns to the count of the member with the most (the
+union of the members' columns grows with N, to no skip at all for 32 rotated members). A single run is the
 population of one, whose inner loop drops the member dimension: the same operations on the
 same memory layout, so its results are bit for bit those of a dedicated single-run glance.
 """
@@ -218,18 +219,31 @@ class MLPGlance:
             X, first = torch.cat([bx.reshape(*lead, m, -1), xin], -2), m
         XW = self._addmm(self.b1, X, self.W1t)  # (rows, H) at w
 
-        # Pixels that are zero in all K incoming samples of every member (MNIST's background:
-        # ~45% of one member's) add nothing to T or to the alpha gradient of W1 below, whose
-        # rows there are exactly zero: skip them. CPU only (finding them would be a host sync
-        # on a GPU). Members share the columns: the union of their nonzero ones.
+        # Pixels that are zero in all K incoming samples of a member (MNIST's background: ~45%
+        # of them) add nothing to its T or to the alpha gradient of its W1 below, whose rows
+        # there are exactly zero: skip them. CPU only (finding them would be a host sync on a
+        # GPU). One member keeps its nonzero columns; members keep as many columns each as the
+        # member with the most, their own nonzero ones padded with their own zero ones (which
+        # add exact zeros), so none computes the union of the members' columns.
         cols, Xc, lrW1t = None, X, self.lrW1t
         if X.device.type == "cpu":
-            cols = xin.reshape(-1, xin.shape[-1]).ne(0).any(0).nonzero().squeeze(1)
-            if cols.numel() > 0.8 * X.shape[-1]:
-                cols = None
+            if not lead:
+                cols = xin.ne(0).any(0).nonzero().squeeze(1)
+                kept = cols.numel()
             else:
+                nonzero = xin.ne(0).any(-2)  # (N, D)
+                kept = int(nonzero.sum(-1).max())
+            if kept > 0.8 * X.shape[-1]:
+                cols = None
+            elif not lead:
                 Xc, xin, lrW1t = X.index_select(-1, cols), xin.index_select(-1, cols), \
                     lrW1t.index_select(-2, cols)
+            else:  # (N, kept): each member's nonzero columns in order, then zero ones
+                cols = nonzero.logical_not().to(torch.uint8).argsort(dim=-1, stable=True)
+                cols = cols[:, :kept]
+                Xc = X.gather(-1, cols.unsqueeze(1).expand(-1, X.shape[-2], -1))
+                xin = xin.gather(-1, cols.unsqueeze(1).expand(-1, k, -1))
+                lrW1t = lrW1t.gather(-2, cols.unsqueeze(-1).expand(-1, -1, lrW1t.shape[-1]))
 
         # T[j, r] = lr_W1 (x_j * X_r) + lr_b1: the first-layer correction of every fast weight.
         B = Xc.unsqueeze(-3) * xin.unsqueeze(-2)  # (K, rows, D)
@@ -306,8 +320,11 @@ class MLPGlance:
             Bt = B.reshape(*lead, k * m, -1).mT
             if cols is None:
                 self._mm(Bt, A, out=self.gaW1t)
-            else:
+            elif cols.dim() == 1:
                 self.gaW1t.zero_().index_copy_(-2, cols, self._mm(Bt, A))
+            else:  # each member's own columns
+                self.gaW1t.zero_().scatter_(
+                    -2, cols.unsqueeze(-1).expand(-1, -1, A.shape[-1]), self._mm(Bt, A))
             torch.sum(A, -2, out=self.gab1)
             self.ga.neg_()
             if relu_lr:

@@ -124,9 +124,11 @@ class LaMAMLPopulation:
     def update(self, index: list[int], inputs: list[Tensor]) -> Tensor:
         loss, gw, ga = self.gradients(index, inputs)
         W, A = self._rows(self.W, index), self._rows(self.A, index)
-        if W.device.type == "cpu":
+        if W.device.type == "cpu" and (not self.use_mlp or len(index) == 1):
             # Each member's own outer step on its rows: the same operations, in the same order,
             # as its separate run (a few more small operations per glance, no rounding drift).
+            # Several members of the hand-written MLP glance, which rounds differently from a
+            # single run's anyway, take one batched step: ~5% of a 4-member glance faster.
             for j, i in enumerate(index):
                 self.members[i].outer_step([W[j]], [A[j]], [gw[j]],
                                            None if ga is None else [ga[j]])
@@ -142,7 +144,7 @@ class LaMAMLPopulation:
         opt_lr, opt_wt = self.opt_lr[index], self.opt_wt[index]
         if m0.learn_lr:
             clip_members_([ga], m0.grad_clip_norm)
-            A.sub_(ga * per_member(opt_lr, ga))
+            A.addcmul_(ga, per_member(opt_lr, ga), value=-1.0)
         if m0.sync_update:
             W.sub_(gw * per_member(opt_wt, gw))
         else:
