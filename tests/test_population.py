@@ -285,6 +285,68 @@ def test_a_group_split_over_processes_stops_and_resumes_to_the_uninterrupted_run
         assert p["accuracy_matrix"] == w["accuracy_matrix"], k
 
 
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR2"])
+def test_a_stop_signal_reaches_every_process_and_sigusr2_then_requeues(tmp_path, monkeypatch,
+                                                                      signame):
+    """The launcher's side of a stop, with each process's training replaced by a stand-in
+    that marks its start, waits, and on SIGTERM saves (a marker) and exits as a stopped run.
+    The signal to the launcher reaches every process as SIGTERM; the launcher waits for them,
+    then exits 143, or on SIGUSR2 hands over to the handler that was there before it (under
+    SLURM, submitit's: requeue this job), which sees every process's save."""
+    import signal
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from metacl.population import launch
+
+    def stand_in(launcher, configs, group, jobs, initial_job_idx, processes):
+        def saved(signum, frame):
+            (tmp_path / f"saved-{jobs[0]}").write_text(str(signum))
+            sys.exit(143)
+
+        signal.signal(signal.SIGTERM, saved)
+        (tmp_path / f"started-{jobs[0]}").write_text(str(os.getpid()))
+        time.sleep(60)
+        return []
+
+    monkeypatch.setattr(launch, "train_group", stand_in)
+    handed_over = []
+
+    def submitit_handler(signum, frame):  # what submitit's checkpoint-and-requeue ends in
+        handed_over.append((signum, sorted(f.name for f in tmp_path.glob("saved-*"))))
+        raise SystemExit(-1)
+
+    def stop_when_started():
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.glob("started-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), getattr(signal, signame))
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
+    stopper = threading.Thread(target=stop_when_started)
+    try:
+        stopper.start()
+        with pytest.raises(SystemExit) as stopped:
+            launch.train_in_processes(None, [None] * 4, SimpleNamespace(jobs=[0, 1, 2, 3]),
+                                      2, 0)
+        after = {s: signal.getsignal(s) for s in before}
+    finally:
+        stopper.join()
+        signal.signal(signal.SIGUSR2, previous)
+    started = sorted(f.name for f in tmp_path.glob("started-*"))
+    assert started == ["started-0", "started-2"]  # two processes, jobs 0-1 and 2-3
+    saves = {f.name: f.read_text() for f in tmp_path.glob("saved-*")}
+    assert saves == {"saved-0": str(int(signal.SIGTERM)), "saved-2": str(int(signal.SIGTERM))}
+    if signame == "SIGUSR2":
+        assert handed_over == [(signal.SIGUSR2, ["saved-0", "saved-2"])]
+        assert stopped.value.code == -1
+    else:
+        assert handed_over == [] and stopped.value.code == 128 + signal.SIGTERM
+    assert after == before  # the launcher's forwarding handlers are gone
+
+
 def test_processes_auto_and_bad_values(compose):
     from metacl.population.launch import group_processes, usable_cores
 
