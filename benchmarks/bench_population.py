@@ -4,6 +4,7 @@
     python benchmarks/bench_population.py --members 32 trainer=gpu \\
         experiment=lamaml/lamaml_cifar100_single_pass        # any overrides
     python benchmarks/bench_population.py --separate         # also the 8 runs one by one
+    python benchmarks/bench_population.py --rounds 3         # one/population, three times
 
 Each command is a fresh `train.py` process (imports, data, evaluation and files included):
   one       seed=0 alone
@@ -12,7 +13,9 @@ Each command is a fresh `train.py` process (imports, data, evaluation and files 
 and prints wall seconds, train seconds (time inside the training loops), the wall-time ratio
 population / one and the throughput (N runs per population wall vs one run per its wall),
 mean RA of the members (and of the separate runs, which a population must match within
-seed noise), and the peak GPU memory per member on a GPU.
+seed noise), and the peak GPU memory per member on a GPU. A shared VM's speed drifts by
+10-20% over minutes, so one run and the population are measured interleaved, `--rounds`
+times (default 2): each round's ratio is printed as it ends, the report gives the medians.
 """
 
 from __future__ import annotations
@@ -63,18 +66,25 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=8)
     parser.add_argument("--separate", action="store_true",
                         help="also train the members one by one (mean RA comparison)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds of one run then the population (medians are reported)")
     opts, overrides = parser.parse_known_args()
     base = ["logger=none", "save_checkpoints=false", *overrides]
     seeds = ",".join(str(s) for s in range(opts.members))
-    rows = []
+    ones, pops, rounds = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        wall = run([*base, "seed=0", "hydra.run.dir=one"], tmp)
-        rows.append(summary("one (seed=0)", wall, collect(tmp / "one")))
-        wall = run(["-m", *base, f"seed={seeds}", "hydra/launcher=population",
-                    "hydra.sweep.dir=population"], tmp)
-        rows.append(summary(f"population ({opts.members} seeds)", wall,
-                            collect(tmp / "population")))
+        for r in range(opts.rounds):
+            wall = run([*base, "seed=0", f"hydra.run.dir=one{r}"], tmp)
+            ones.append(summary("one (seed=0)", wall, collect(tmp / f"one{r}")))
+            wall = run(["-m", *base, f"seed={seeds}", "hydra/launcher=population",
+                        f"hydra.sweep.dir=population{r}"], tmp)
+            pops.append(summary(f"population ({opts.members} seeds)", wall,
+                                collect(tmp / f"population{r}")))
+            rounds.append(round(pops[-1]["wall_seconds"] / ones[-1]["wall_seconds"], 2))
+            print(json.dumps({"round": r, "one": ones[-1], "population": pops[-1],
+                              "population_wall_over_one": rounds[-1]}), flush=True)
+        rows = [median_row(ones), median_row(pops)]
         if opts.separate:
             wall = run(["-m", *base, f"seed={seeds}", "hydra.sweep.dir=separate"], tmp)
             rows.append(summary(f"separate ({opts.members} seeds, one by one)", wall,
@@ -82,12 +92,23 @@ def main() -> None:
     one, pop = rows[0], rows[1]
     report = {
         "overrides": " ".join(overrides) or "(default experiment)",
-        "rows": rows,
+        "rounds": opts.rounds,
+        "rows (medians over the rounds)": rows,
         "population_wall_over_one": round(pop["wall_seconds"] / one["wall_seconds"], 2),
+        "per_round_wall_over_one": rounds,
         "population_train_over_one": round(pop["train_seconds"] / one["train_seconds"], 2),
         "throughput_vs_one": round(opts.members * one["wall_seconds"] / pop["wall_seconds"], 2),
     }
     print(json.dumps(report, indent=2))
+
+
+def median_row(rows: list[dict]) -> dict:
+    """The rows' medians of the timings (the first row's other fields: every round trains the
+    same runs, so their RA does not change)."""
+    out = dict(rows[0])
+    for key in ("wall_seconds", "train_seconds"):
+        out[key] = round(statistics.median(r[key] for r in rows), 2)
+    return out
 
 
 if __name__ == "__main__":

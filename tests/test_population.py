@@ -411,6 +411,28 @@ def run_population(members):
             m.lock.release()
 
 
+def test_members_that_do_not_fit_fail_with_one_line_naming_max_members(tmp_path, monkeypatch,
+                                                                        capsys):
+    """Out of memory in a population step (on a GPU: torch.OutOfMemoryError): every member
+    fails with one line that says how many trained together and which max_members halves the
+    groups, instead of CUDA's allocator report."""
+    from metacl.methods.population import SGDPopulation
+
+    def no_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB ...")
+
+    monkeypatch.setattr(SGDPopulation, "observe", no_memory)
+    members = prepared_members(tmp_path, [0, 1, 2, 3])
+    run_population(members)
+    for k in range(4):
+        result = json.loads((tmp_path / str(k) / "results.json").read_text())
+        line = ("RuntimeError: out of memory training 4 members together; "
+                "hydra.launcher.max_members=2 trains at most 2 at once")
+        assert result["error"] == line and result["status"] == f"failed: {line}"
+    said = [x for x in capsys.readouterr().err.splitlines() if x.startswith("population member")]
+    assert len(said) == 4 and all(x.endswith(f" failed: {line}") for x in said), said
+
+
 # (method, the observe call that sends SIGTERM, the step checkpoint's position (task, epoch,
 # batch), the steps the resumed population makes): tasks of 6 batches, 3 tasks, 1 epoch.
 STOPS = [("er", 9, (1, 0, 3), 9), ("lamaml", 9, (1, 0, 3), 9),

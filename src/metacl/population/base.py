@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from metacl.checkpoint import Interrupted, StopSignals
 from metacl.runner.trainer import PRECISION_ALIASES
 
@@ -46,14 +48,16 @@ class MemberLoops:
         except Exception as err:  # noqa: BLE001  (one member's failure is its own)
             self.drop(member, err)
 
-    def drop(self, member, err: Exception) -> None:
+    def drop(self, member, err: Exception, alone: bool = True) -> None:
+        """End one member with err (`alone`: the others go on)."""
         member.active = False
         member.value = float("nan")
         with member.job():
             member.loop.fail(err)
         status = member.loop.record.data["status"]
-        print(f"population member {member.loop.session.name} {status}: {err}; the others go on",
-              file=sys.stderr)
+        why = status if status.startswith("failed") else f"{status}: {err}"  # failed: names it
+        others = "; the others go on" if alone and self.active else ""
+        print(f"population member {member.loop.session.name} {why}{others}", file=sys.stderr)
 
     def interrupt(self, signum: int) -> None:
         """A stop signal: every member ends as interrupted (at its last checkpoint)."""
@@ -80,14 +84,30 @@ class MemberLoops:
         except Interrupted:
             raise
         except BaseException as err:
+            if isinstance(err, torch.OutOfMemoryError):
+                err = self.out_of_memory()
             for m in self.active:
-                self.drop(m, err if isinstance(err, Exception) else RuntimeError(str(err)))
+                self.drop(m, err if isinstance(err, Exception) else RuntimeError(str(err)),
+                          alone=False)
             if not isinstance(err, Exception):
                 raise
             return
         for m in self.active:
             with m.job():
                 m.value = m.loop.report()
+
+    def out_of_memory(self) -> RuntimeError:
+        """The members' failure when they do not fit together: one line that says how many
+        trained together, the device's peak, and the `max_members` that halves the groups."""
+        n = len(self.active)
+        peak = ""
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            used = torch.cuda.max_memory_allocated(self.device)
+            peak = f" (peak {used / 2**30:.1f} GiB allocated of {total / 2**30:.1f} GiB)"
+        half = max(1, n // 2)
+        return RuntimeError(f"out of memory training {n} members together{peak}; "
+                            f"hydra.launcher.max_members={half} trains at most {half} at once")
 
     def train(self) -> None:
         raise NotImplementedError
