@@ -216,6 +216,16 @@ def _missing_key_line(container, key: str, line: str, choices: dict, delete: boo
     if depth == len(parts):
         return None
     parent_key, missing = ".".join(parts[:depth]), parts[depth]
+    rest = ".".join(parts[depth:])
+    if isinstance(parent, dict) and depth + 1 < len(parts) and rest in parent and not delete:
+        # a key with a dot in it (an Optuna search space's `method.lr`), which a dotted
+        # override path reads as nested keys
+        value = line.split("=", 1)[1] if "=" in line else "<value>"
+        how = (f"give its search space as an argument of its own: {rest}={value}"
+               if parent_key == "hydra.sweeper.params" else
+               f"set the whole of '{parent_key}' instead")
+        return (f"{key}: '{parent_key}' has '{rest}' as one key, with a dot in it, which an "
+                f"override path reads as nested keys; {how}")
     if not isinstance(parent, dict):
         return (f"{key}: '{parent_key}' is a value ({parent!r}), not a group of keys; allowed: "
                 f"{parent_key}=<value>")
