@@ -42,10 +42,17 @@ from metacl.resolvers import expand_aliases  # also registers ${metacl.run_dir:.
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     take_ctrl_c()
-    from metacl.cli import run_with_clean_errors
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from metacl.cli import ctrl_c_between_jobs, run_with_clean_errors
     from metacl.runner.main import main as run_main
 
-    return run_with_clean_errors(run_main, cfg)
+    try:
+        return run_with_clean_errors(run_main, cfg)
+    finally:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            ctrl_c_between_jobs()  # until the next job takes Ctrl-C back
 
 
 if __name__ == "__main__":

@@ -540,6 +540,59 @@ def test_ctrl_c_in_the_first_second_is_one_line(tmp_path):
     assert err.strip().splitlines()[-1].startswith("stopped: interrupted by Ctrl-C")
 
 
+def test_ctrl_c_between_multirun_jobs_is_one_line():
+    """After a multirun job, Ctrl-C while Hydra composes the next one: one line, exit 130.
+    (A stand-in process: the gap between two jobs is too short to hit from outside.)"""
+    from metacl.cli import BETWEEN_JOBS_CTRL_C
+
+    probe = ("import os, signal, time\n"
+             "from metacl.cli import ctrl_c_between_jobs\n"
+             "print('job 0 done', flush=True)\n"
+             "ctrl_c_between_jobs()\n"
+             "os.kill(os.getpid(), signal.SIGINT)\n"
+             "time.sleep(10)\n"
+             "print('the next job ran')\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=_env(), timeout=60)
+    assert proc.returncode == 130
+    assert proc.stdout == "job 0 done\n"
+    assert proc.stderr.strip().splitlines() == [BETWEEN_JOBS_CTRL_C]
+
+
+def test_a_multirun_job_leaves_the_between_jobs_handler_and_a_single_run_does_not(
+        tmp_path, monkeypatch):
+    """train.py's task function sets the between-jobs handler after a multirun job only
+    (train.py run in this process, as `python train.py ...` runs it)."""
+    import logging
+    import runpy
+    import signal
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(tmp_path)
+    previous = signal.getsignal(signal.SIGINT)
+    handlers, level = logging.root.handlers[:], logging.root.level  # Hydra configures logging
+    common = ["debug=fast", "logger=none", "dataset.limit_tasks=1"]
+    try:
+        for args, handler in ((["-m", f"hydra.sweep.dir={tmp_path / 'm'}"], "stop"),
+                              ([f"hydra.run.dir={tmp_path / 'r'}"], "default_int_handler")):
+            monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py"), *args, *common])
+            GlobalHydra.instance().clear()
+            runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+            assert signal.getsignal(signal.SIGINT).__name__ == handler
+            signal.signal(signal.SIGINT, previous)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
+    assert len(list((tmp_path / "m").glob("*/results.json"))) == 1
+    assert (tmp_path / "r" / "results.json").is_file()
+
+
 def test_unwritable_output_folder_is_refused_before_hydra_creates_it(tmp_path, monkeypatch):
     from metacl.cli import unwritable_output
 

@@ -31,6 +31,28 @@ def take_ctrl_c() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+BETWEEN_JOBS_CTRL_C = ("stopped: interrupted by Ctrl-C between the jobs of a multirun; the "
+                       "jobs that ended are complete in their folders, the next did not start")
+
+
+def ctrl_c_between_jobs() -> None:
+    """After a multirun job: a Ctrl-C before the next job takes it back (take_ctrl_c) stops the
+    multirun with one line, exit 130. Hydra composes the next job's config in that gap, and a
+    KeyboardInterrupt there could surface as a broken config or as "before the run started"."""
+    import signal
+
+    def stop(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001, S110  (a closed stream: nothing to keep)
+                pass
+        os.write(2, (BETWEEN_JOBS_CTRL_C + "\n").encode())
+        os._exit(EXIT_CTRL_C)
+
+    signal.signal(signal.SIGINT, stop)
+
+
 def _output_dir(args) -> Path | None:
     try:
         return Path(str(args[0].paths.output_dir))
