@@ -5,6 +5,8 @@
         experiment=lamaml/lamaml_cifar100_single_pass        # any overrides
     python benchmarks/bench_population.py --separate         # also the 8 runs one by one
     python benchmarks/bench_population.py --rounds 3         # one/population, three times
+    python benchmarks/bench_population.py --members 32 --cifar-lookalike 500 trainer=gpu \
+        experiment=lamaml/lamaml_cifar100_single_pass        # no CIFAR-100 files at hand
 
 Each command is a fresh `train.py` process (imports, data, evaluation and files included):
   one       seed=0 alone
@@ -16,6 +18,9 @@ mean RA of the members (and of the separate runs, which a population must match 
 seed noise), and the peak GPU memory per member on a GPU. A shared VM's speed drifts by
 10-20% over minutes, so one run and the population are measured interleaved, `--rounds`
 times (default 2): each round's ratio is printed as it ends, the report gives the medians.
+`--cifar-lookalike K` trains on a CIFAR-10/100 lookalike with K training images per class,
+written in torchvision's layout (tests/fixtures.py; same shapes and class counts, learnable
+colour patterns), for machines without the real files (the lent GPU machine has no network).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def run(args: list[str], cwd: Path) -> float:
@@ -68,12 +74,22 @@ def main() -> None:
                         help="also train the members one by one (mean RA comparison)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds of one run then the population (medians are reported)")
+    parser.add_argument("--cifar-lookalike", type=int, default=0, metavar="K",
+                        help="CIFAR-10 and -100 lookalikes with K images per class as data_dir")
     opts, overrides = parser.parse_known_args()
     base = ["logger=none", "save_checkpoints=false", *overrides]
     seeds = ",".join(str(s) for s in range(opts.members))
     ones, pops, rounds = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if opts.cifar_lookalike:
+            from fixtures import write_cifar
+
+            k = opts.cifar_lookalike
+            for classes in (10, 100):
+                write_cifar(tmp / "data", classes, train_per_class=k,
+                            test_per_class=max(2, k // 5))
+            base += [f"data_dir={tmp / 'data'}", "dataset.source.verify_md5=false"]
         for r in range(opts.rounds):
             wall = run([*base, "seed=0", f"hydra.run.dir=one{r}"], tmp)
             ones.append(summary("one (seed=0)", wall, collect(tmp / f"one{r}")))
