@@ -433,6 +433,78 @@ def test_members_that_do_not_fit_fail_with_one_line_naming_max_members(tmp_path,
     assert len(said) == 4 and all(x.endswith(f" failed: {line}") for x in said), said
 
 
+def train_in_this_process(args: list[str], monkeypatch) -> None:
+    """`python train.py *args` run in this process (so that a monkeypatch reaches it)."""
+    import logging
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    handlers, level = logging.root.handlers[:], logging.root.level  # Hydra configures logging
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py"), *args])
+    GlobalHydra.instance().clear()
+    try:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    finally:
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
+
+
+def test_members_that_do_not_fit_train_again_in_halves_from_their_checkpoints(
+        tmp_path, monkeypatch, capsys):
+    """A device that holds 2 members but not 4: the 4-member population runs out of memory
+    inside its second task (tasks of 6 batches: the 9th step); the launcher trains the members
+    again in two populations of 2, each member resumed from its last checkpoint (the end of
+    the first task), and they end with the matrices of the same command with max_members=2
+    from the start. (Out of memory at the first step resumes from the checkpoint every run
+    saves before its first task, the same way.)"""
+    fails_at = 9
+    import signal
+
+    from metacl.methods.population import SGDPopulation
+
+    real = SGDPopulation.observe
+    calls = {"n": 0}
+
+    def observe(self, *args, **kwargs):
+        if len(self.members) > 2:
+            calls["n"] += 1
+            if calls["n"] == fails_at:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SGDPopulation, "observe", observe)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(tmp_path)
+    previous = signal.getsignal(signal.SIGINT)
+    common = ["-m", "seed=0,1,2,3", "method=er", "debug=fast", "dataset.limit_tasks=2",
+              "dataset.limit_train_per_task=60", "logger=none", "hydra/launcher=population",
+              "hydra.launcher.processes=1"]
+    try:
+        train_in_this_process([*common, "hydra.sweep.dir=retried"], monkeypatch)
+        said = "".join(capsys.readouterr())
+        train_in_this_process([*common, "hydra.launcher.max_members=2", "hydra.sweep.dir=two"],
+                              monkeypatch)
+        err = capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert calls["n"] == fails_at  # only the population of 4 ran out of memory
+    assert ("out of memory with 4 members together: training them again in groups of at "
+            "most 2, each from its last checkpoint") in said, said[-3000:]
+    assert said.count("population of 2 jobs") == 2 and "resuming" in said, said[-3000:]
+    assert "out of memory" not in err
+    for k in range(4):
+        name = f"{k}_dataset.limit_tasks=2,dataset.limit_train_per_task=60,method=er,seed={k}"
+        r, t = (json.loads((tmp_path / d / name / "results.json").read_text())
+                for d in ("retried", "two"))
+        assert r["status"] == t["status"] == "completed"
+        assert r["population"] == t["population"] == {"members": 2, "index": k % 2}
+        assert r["accuracy_matrix"] == t["accuracy_matrix"], k
+
+
 # (method, the observe call that sends SIGTERM, the step checkpoint's position (task, epoch,
 # batch), the steps the resumed population makes): tasks of 6 batches, 3 tasks, 1 epoch.
 STOPS = [("er", 9, (1, 0, 3), 9), ("lamaml", 9, (1, 0, 3), 9),

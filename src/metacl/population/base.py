@@ -86,6 +86,8 @@ class MemberLoops:
         except BaseException as err:
             if isinstance(err, torch.OutOfMemoryError):
                 err = self.out_of_memory()
+                for m in self.active:
+                    m.out_of_memory = True
             for m in self.active:
                 self.drop(m, err if isinstance(err, Exception) else RuntimeError(str(err)),
                           alone=False)

@@ -5,11 +5,13 @@ separate run would be prepared, train each group together, return one JobReturn 
 least two members each): a population on one core is bound by arithmetic, so the cores left
 idle by one run's single thread are the rest of the speed-up (docs/sweeps.md). The parent
 forwards a stop signal to its children as SIGTERM, waits for their checkpoints, and exits as
-a stopped run does (or lets submitit requeue the job on SIGUSR2).
+a stopped run does (or lets submitit requeue the job on SIGUSR2). A group that runs out of
+memory is trained again in halves, each member resumed from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import os
 import signal
@@ -88,6 +90,36 @@ def train_group(launcher, configs, group, jobs: list[int], initial_job_idx: int,
                   f"({', '.join(str(initial_job_idx + i) for i in jobs)}), differing in "
                   f"{differ}{where}")
     train_members(members)
+    retry = [m.index for m in members if m.out_of_memory]
+    if len(retry) > 1 and all(bool(configs[i].get("save_checkpoints", True)) for i in retry):
+        return [m for m in members if not m.out_of_memory] + retry_smaller(
+            launcher, configs, group, retry, initial_job_idx, processes)
+    return members
+
+
+def retry_smaller(launcher, configs, group, jobs: list[int], initial_job_idx: int,
+                  processes: int) -> list[Member]:
+    """Members that ran out of memory together, trained again in two halves (and so on while
+    they do not fit), each resumed from its own last checkpoint (the start of the run, or the
+    task or in-task checkpoint it saved last), exactly as `resume=true` would."""
+    import gc
+
+    import torch
+
+    half = (len(jobs) + 1) // 2
+    console.print(f"out of memory with {len(jobs)} members together: training them again in "
+                  f"groups of at most {half}, each from its last checkpoint")
+    gc.collect()  # the failed population's stacked state, then the allocator's cached blocks
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    again = list(configs)
+    for i in jobs:
+        again[i] = copy.deepcopy(configs[i])
+        with open_dict(again[i]):
+            again[i].resume.path = True
+    members = []
+    for part in (jobs[:half], jobs[half:]):
+        members += train_group(launcher, again, group, part, initial_job_idx, processes)
     return members
 
 

@@ -78,6 +78,7 @@ class Member:
     active: bool = True
     notes: list[str] = field(default_factory=list)
     processes: int = 1  # the processes its group was split over (hydra.launcher.processes)
+    out_of_memory: bool = False  # failed because its population did not fit (retried smaller)
 
     @property
     def method(self):
