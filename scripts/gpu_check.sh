@@ -3,12 +3,7 @@
 # 10-minute call: the GPU suite, then benchmarks/bench_gpu.py's rows; logs and figures in $OUT.
 # Prepare here first with scripts/gpu_wheels.sh (carry .whl).
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+source "$(dirname "$0")/gpu_setup.sh"
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/env.txt"
 timeout "${TEST_SECONDS:-240}" python3 -m pytest -m gpu tests/gpu -p no:cacheprovider -q \
   -k "${TEST_FILTER:-}" 2>&1 | tee "$OUT/test_gpu.log" | tail -15

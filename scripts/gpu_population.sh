@@ -5,12 +5,7 @@
 # beside one member by benchmarks/bench_population.py (one round each); logs in $OUT.
 #   run(command="scripts/gpu_population.sh", carry=[".whl"], timeout_s=600)
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+source "$(dirname "$0")/gpu_setup.sh"
 # trainer=gpu: under trainer.accelerator=auto the default run's small MLP would train on the CPU
 timeout "${DEFAULT_SECONDS:-240}" python3 benchmarks/bench_population.py --rounds 1 \
   --members "${DEFAULT_MEMBERS:-64}" trainer=gpu 2>&1 | tee "$OUT/population_default.log"
