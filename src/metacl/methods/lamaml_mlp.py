@@ -36,9 +36,10 @@ N*K), and the inputs are stacked per member. What batching saves is the per-oper
 overhead, mostly the inner loop's ~15 small operations per step; the products themselves cost
 N times a single run's. The zero-pixel skip is per member: each keeps its own nonzero
 columns, padded with its own zero columns to the count of the member with the most (the
-union of the members' columns grows with N, to no skip at all for 32 rotated members). A single run is the
-population of one, whose inner loop drops the member dimension: the same operations on the
-same memory layout, so its results are bit for bit those of a dedicated single-run glance.
+union of the members' columns grows with N, to no skip at all for 32 rotated members). A
+single run is the population of one, whose inner loop drops the member dimension: the same
+operations on the same memory layout, so its results are bit for bit those of a dedicated
+single-run glance.
 """
 
 from __future__ import annotations
