@@ -7,10 +7,15 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: install train test test-gpu test-slurm bench bench-gpu bench-wandb lint clean distclean
 
 # (Re)install when pyproject.toml changes; torch/torchvision come from the machine's wheels.
+# --no-compile: pip would byte-compile every module of torch & co. (~50 s of the install);
+# Python compiles the ones a run imports, once, and keeps them (PYTHONDONTWRITEBYTECODE,
+# which some machines set, is cleared below for the commands that run the code).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
 	touch $(STAMP)
+
+export PYTHONDONTWRITEBYTECODE :=
 
 install: $(STAMP)
 
