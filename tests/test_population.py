@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from metacl.errors import ConfigError
 from metacl.population.grouping import group_jobs
 from metacl.population.members import MemberRandom
-from tests.conftest import ROOT, compose_cfg
+from tests.conftest import ROOT, compose_cfg, train_in_this_process
 
 # Small streams: task 0 gives 50 incoming batches of 10, then 6 batches of task 1 (a task
 # switch with a full memory of 200 samples).
@@ -223,13 +223,14 @@ def test_an_optuna_search_trains_each_batch_of_trials_as_a_population(tmp_path):
     assert best["trials"] == {"complete": 6, "fail": 0}
 
 
-def test_population_sweep_writes_each_jobs_own_run_equal_to_the_separate_runs(tmp_path):
+def test_population_sweep_writes_each_jobs_own_run_equal_to_the_separate_runs(tmp_path,
+                                                                             monkeypatch):
     common = ["-m", "seed=0,1", "method=er", "debug=fast", "logger=none"]
     pop = train([*common, "hydra/launcher=population", "hydra.sweep.dir=pop"], tmp_path)
     assert pop.returncode == 0, pop.stderr[-3000:]
     assert "population of 2 jobs" in pop.stderr
-    alone = train([*common, "hydra.sweep.dir=alone"], tmp_path)
-    assert alone.returncode == 0, alone.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    train_in_this_process([*common, "hydra.sweep.dir=alone"], monkeypatch)  # the basic launcher
     for k in range(2):
         name = f"{k}_method=er,seed={k}"
         a = json.loads((tmp_path / "alone" / name / "results.json").read_text())
@@ -433,26 +434,6 @@ def test_members_that_do_not_fit_fail_with_one_line_naming_max_members(tmp_path,
     assert len(said) == 4 and all(x.endswith(f" failed: {line}") for x in said), said
 
 
-def train_in_this_process(args: list[str], monkeypatch) -> None:
-    """`python train.py *args` run in this process (so that a monkeypatch reaches it)."""
-    import logging
-    import runpy
-
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    handlers, level = logging.root.handlers[:], logging.root.level  # Hydra configures logging
-    monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py"), *args])
-    GlobalHydra.instance().clear()
-    try:
-        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
-    finally:
-        GlobalHydra.instance().clear()
-        HydraConfig.instance().cfg = None
-        logging.root.handlers[:] = handlers
-        logging.root.setLevel(level)
-
-
 def test_members_that_do_not_fit_train_again_in_halves_from_their_checkpoints(
         tmp_path, monkeypatch, capsys):
     """A device that holds 2 members but not 4: the 4-member population runs out of memory
@@ -462,8 +443,6 @@ def test_members_that_do_not_fit_train_again_in_halves_from_their_checkpoints(
     from the start. (Out of memory at the first step resumes from the checkpoint every run
     saves before its first task, the same way.)"""
     fails_at = 9
-    import signal
-
     from metacl.methods.population import SGDPopulation
 
     real = SGDPopulation.observe
@@ -479,18 +458,14 @@ def test_members_that_do_not_fit_train_again_in_halves_from_their_checkpoints(
     monkeypatch.setattr(SGDPopulation, "observe", observe)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.chdir(tmp_path)
-    previous = signal.getsignal(signal.SIGINT)
     common = ["-m", "seed=0,1,2,3", "method=er", "debug=fast", "dataset.limit_tasks=2",
               "dataset.limit_train_per_task=60", "logger=none", "hydra/launcher=population",
               "hydra.launcher.processes=1"]
-    try:
-        train_in_this_process([*common, "hydra.sweep.dir=retried"], monkeypatch)
-        said = "".join(capsys.readouterr())
-        train_in_this_process([*common, "hydra.launcher.max_members=2", "hydra.sweep.dir=two"],
-                              monkeypatch)
-        err = capsys.readouterr().err
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    train_in_this_process([*common, "hydra.sweep.dir=retried"], monkeypatch)
+    said = "".join(capsys.readouterr())
+    train_in_this_process([*common, "hydra.launcher.max_members=2", "hydra.sweep.dir=two"],
+                          monkeypatch)
+    err = capsys.readouterr().err
     assert calls["n"] == fails_at  # only the population of 4 ran out of memory
     assert ("out of memory with 4 members together: training them again in groups of at "
             "most 2, each from its last checkpoint") in said, said[-3000:]

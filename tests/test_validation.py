@@ -563,32 +563,14 @@ def test_a_multirun_job_leaves_the_between_jobs_handler_and_a_single_run_does_no
         tmp_path, monkeypatch):
     """train.py's task function sets the between-jobs handler after a multirun job only
     (train.py run in this process, as `python train.py ...` runs it)."""
-    import logging
-    import runpy
-    import signal
-
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
+    from tests.conftest import train_in_this_process
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.chdir(tmp_path)
-    previous = signal.getsignal(signal.SIGINT)
-    handlers, level = logging.root.handlers[:], logging.root.level  # Hydra configures logging
     common = ["debug=fast", "logger=none", "dataset.limit_tasks=1"]
-    try:
-        for args, handler in ((["-m", f"hydra.sweep.dir={tmp_path / 'm'}"], "stop"),
-                              ([f"hydra.run.dir={tmp_path / 'r'}"], "default_int_handler")):
-            monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py"), *args, *common])
-            GlobalHydra.instance().clear()
-            runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
-            assert signal.getsignal(signal.SIGINT).__name__ == handler
-            signal.signal(signal.SIGINT, previous)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        GlobalHydra.instance().clear()
-        HydraConfig.instance().cfg = None
-        logging.root.handlers[:] = handlers
-        logging.root.setLevel(level)
+    for args, handler in ((["-m", f"hydra.sweep.dir={tmp_path / 'm'}"], "stop"),
+                          ([f"hydra.run.dir={tmp_path / 'r'}"], "default_int_handler")):
+        assert train_in_this_process([*args, *common], monkeypatch).__name__ == handler
     assert len(list((tmp_path / "m").glob("*/results.json"))) == 1
     assert (tmp_path / "r" / "results.json").is_file()
 
