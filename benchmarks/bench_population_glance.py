@@ -3,6 +3,7 @@
     python benchmarks/bench_population_glance.py                 # N = 1, 8, 32, one thread
     python benchmarks/bench_population_glance.py --members 1 8 --threads 2 --repeats 7
     python benchmarks/bench_population_glance.py --device cuda --members 1 8 32 64
+    python benchmarks/bench_population_glance.py --members 4 --profile   # where the time goes
 
 The default run's shapes: MLP 784-100-100-10, K = 10 incoming samples (one per inner step),
 replay 10, meta-batch M = 20 (memory rows, then the incoming ones), need_w and need_alpha,
@@ -147,6 +148,28 @@ def bench(n: int, images, rotate: bool, calls: int, repeats: int, gen, device) -
             "skip_taken": [c <= 0.8 * 784 for c in kept] if device.type == "cpu" else None}
 
 
+def profile(n: int, images, rotate: bool, gen, device) -> None:
+    """torch.profiler over 100 batched glances of N members: the operators by self time, and
+    the share of the batched products (bmm, baddbmm)."""
+    from torch.profiler import profile as torch_profile
+
+    mlp = MLP((1, 28, 28), 10).to(device)
+    batches = [tuple(v.to(device) for v in b)
+               for b in member_batches(member_pools(images, n, rotate, gen), 8, gen)]
+    g = filled(mlp, n, gen)
+    for i in range(20):  # warm-up
+        glance(g, *batches[i % len(batches)])
+    with torch_profile() as prof:
+        for i in range(100):
+            glance(g, *batches[i % len(batches)])
+    rows = prof.key_averages()
+    total = sum(r.self_cpu_time_total for r in rows)
+    products = sum(r.self_cpu_time_total for r in rows if r.key in ("aten::bmm", "aten::baddbmm"))
+    print(rows.table(sort_by="self_cpu_time_total", row_limit=12))
+    print(json.dumps({"members": n, "ms_per_glance": round(total / 100 / 1e3, 3),
+                      "bmm_baddbmm_share": round(products / total, 3)}))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--members", type=int, nargs="+", default=[1, 8, 32])
@@ -157,6 +180,8 @@ def main():
                         help="unrotated digits (default: each member's rotated by its own angle)")
     parser.add_argument("--seconds", type=float, default=1.0,
                         help="rough time of one measurement of the batched glance")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: torch.profiler's table of 100 batched glances per N")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -164,6 +189,10 @@ def main():
     images, source = digit_images(gen)
     print(json.dumps({"inputs": source, "rotated": args.rotate, "threads": args.threads,
                       "device": str(device)}))
+    if args.profile:
+        for n in args.members:
+            profile(n, images, args.rotate, gen, device)
+        return
     for n in args.members:
         # ~3 ms per member-glance on the 2-core VM: calls per measurement for ~`seconds`
         calls = max(2, int(args.seconds / (0.003 * max(1, n / 3))))
