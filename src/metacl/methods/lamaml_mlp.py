@@ -209,8 +209,8 @@ class MLPGlance:
 
     def _first_layer(self, x: Tensor, bx: Tensor, incoming_in_meta: bool):
         """Meta-batch rows X, their pre-activations XW at w, the products B and corrections T
-        (below), T on the incoming rows, and the input columns kept (None: all); all in member
-        space. Writes the incoming rows' pre-activations into Zin."""
+        (below), T on the incoming rows, and the input columns kept (None: all; members:
+        (member, column) index pairs); all in member space. Writes the incoming rows' pre-activations into Zin."""
         lead, k = self._lead, self.k
         m = bx.shape[len(lead)]
         xin = x.reshape(*lead, k, -1)
@@ -241,11 +241,10 @@ class MLPGlance:
                     lrW1t.index_select(-2, cols)
             else:  # (N, kept): each member's nonzero columns in order, then zero ones
                 cols = nonzero.logical_not().to(torch.uint8).argsort(dim=-1, stable=True)
-                cols = cols[:, :kept]
                 # rows picked by (member, column) pairs: several times faster than gather
                 member = torch.arange(cols.shape[0], device=cols.device).unsqueeze(1)
-                Xc, xin = X.mT[member, cols].mT, xin.mT[member, cols].mT
-                lrW1t = lrW1t[member, cols]
+                cols = (member, cols[:, :kept])
+                Xc, xin, lrW1t = X.mT[cols].mT, xin.mT[cols].mT, lrW1t[cols]
 
         # T[j, r] = lr_W1 (x_j * X_r) + lr_b1: the first-layer correction of every fast weight.
         B = Xc.unsqueeze(-3) * xin.unsqueeze(-2)  # (K, rows, D)
@@ -322,11 +321,10 @@ class MLPGlance:
             Bt = B.reshape(*lead, k * m, -1).mT
             if cols is None:
                 self._mm(Bt, A, out=self.gaW1t)
-            elif cols.dim() == 1:
+            elif isinstance(cols, tuple):  # each member's own columns
+                self.gaW1t.zero_().index_put_(cols, self._mm(Bt, A))
+            else:
                 self.gaW1t.zero_().index_copy_(-2, cols, self._mm(Bt, A))
-            else:  # each member's own columns
-                member = torch.arange(cols.shape[0], device=cols.device).unsqueeze(1)
-                self.gaW1t.zero_().index_put_((member, cols), self._mm(Bt, A))
             torch.sum(A, -2, out=self.gab1)
             self.ga.neg_()
             if relu_lr:
